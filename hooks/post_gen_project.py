@@ -1,0 +1,80 @@
+"""Remove what the user did not choose, record the answers, and optionally make a git repository."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+CONTEXT = json.loads(r'{{ cookiecutter | tojson }}')
+PACKAGE = CONTEXT["package"]
+PKG = f"src/{PACKAGE}"
+
+# The files and folders that belong to each optional module, relative to the project root. Anything
+# not listed here is shared and always baked. A listed path that is missing is a template bug.
+MODULE_FILES = {
+    "gpt": [
+        f"{PKG}/models/gpt.py",
+        f"{PKG}/modules/gpt.py",
+        f"{PKG}/data/text.py",
+        f"{PKG}/generation.py",
+        f"{PKG}/api.py",
+        f"{PKG}/callbacks/samples.py",
+        "configs/model/gpt.yaml",
+        "configs/model/net",
+        "configs/data/shakespeare.yaml",
+        "configs/data/text.yaml",
+        "configs/experiment/demo.yaml",
+        "configs/generate.yaml",
+        "generate.py",
+        "tests/test_gpt_model.py",
+        "tests/test_text_data.py",
+        "tests/test_gpt_training.py",
+        "docs/gpt.md",
+    ],
+    "distill": [],
+    "clip": [],
+}
+
+
+def remove_unchosen(root: Path) -> None:
+    for module, paths in MODULE_FILES.items():
+        if CONTEXT[module]:
+            continue
+        for rel in paths:
+            path = root / rel
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+            else:
+                sys.exit(f"deepseek-template bug: the {module!r} module lists {rel}, which was not baked")
+
+
+def record_answers(root: Path) -> None:
+    """`.cookiecutter.json`: the answers, to re-bake or update the project from the template later."""
+    answers = {k: v for k, v in CONTEXT.items() if not k.startswith("_") or k == "_template"}
+    (root / ".cookiecutter.json").write_text(json.dumps(answers, indent=2, sort_keys=True) + "\n")
+
+
+def git_init(root: Path) -> None:
+    if shutil.which("git") is None:
+        print("deepseek-template: git not found; the project was baked without a repository", file=sys.stderr)
+        return
+    identity = ["-c", f"user.name={CONTEXT['author']}", "-c", f"user.email={CONTEXT['email']}"]
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", *identity, "commit", "-q", "-m", "Initial commit from deepseek-template"],
+    ):
+        subprocess.run(cmd, cwd=root, check=True)
+
+
+if __name__ == "__main__":
+    root = Path.cwd()
+    remove_unchosen(root)
+    if CONTEXT["license"] == "none":
+        (root / "LICENSE").unlink()
+    record_answers(root)
+    if CONTEXT["git_init"]:
+        git_init(root)

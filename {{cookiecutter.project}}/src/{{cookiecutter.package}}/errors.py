@@ -1,0 +1,49 @@
+"""Errors caused by the user's input (data files, paths, config values), as opposed to bugs.
+
+Entry points print these as one line naming the file, line or key, and exit with status 2; any
+other exception is a bug and keeps its traceback.
+"""
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from hydra.errors import InstantiationException
+
+T = TypeVar("T")
+
+
+class UserInputError(Exception):
+    """Base class: the message alone says what is wrong and what was expected."""
+
+
+class DataFormatError(UserInputError, ValueError):
+    """A data file that cannot be read as documented; the message names the file and line."""
+
+
+class DataPathError(UserInputError, FileNotFoundError):
+    """A configured path that does not exist or holds nothing usable."""
+
+
+class ConfigError(UserInputError, ValueError):
+    """A config value that cannot work; the message names the key."""
+
+
+def exit_on_user_error(fn: Callable[..., T]) -> Callable[..., T]:
+    """For entry points: a user error becomes one line on stderr and exit status 2, no traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except UserInputError as e:
+            message = str(e)
+        except InstantiationException as e:  # a config value the target's own check rejected
+            if not isinstance(e.__cause__, (UserInputError, ValueError)):
+                raise
+            message = " ".join(str(e).split())
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+    return wrapper

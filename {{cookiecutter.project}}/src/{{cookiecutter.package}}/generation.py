@@ -1,0 +1,104 @@
+"""Autoregressive sampling from a GPT (temperature, top-k, nucleus top-p), and loading one from a checkpoint."""
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer
+
+from .data.tokenizer import eot_id
+from .errors import ConfigError, DataPathError
+from .models.gpt import GPT, GPTConfig
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """logits: (B, V). Returns a copy with everything outside the top-k / top-p set at -inf."""
+    logits = logits.clone()
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
+        logits[logits < kth] = float("-inf")
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token when the tokens ranked above it already cover top_p; the top token always stays.
+        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
+        logits[drop_sorted.scatter(1, order, drop_sorted)] = float("-inf")
+    return logits
+
+
+@torch.no_grad()
+def generate(
+    model: GPT,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    stop_token: int | None = None,
+) -> torch.Tensor:
+    """idx: (B, T) prompt ids -> (B, T + n) ids. temperature=0 is greedy decoding."""
+    vocab_size = model.config.vocab_size
+    for _ in range(max_new_tokens):
+        context = idx[:, -model.config.max_length :]
+        logits = model(context)[:, -1, :vocab_size].float()  # padding ids are never sampled
+        if temperature == 0:
+            next_id = logits.argmax(-1, keepdim=True)
+        else:
+            probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+            next_id = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
+        idx = torch.cat([idx, next_id], dim=1)
+        if stop_token is not None and bool((next_id == stop_token).all()):
+            break
+    return idx
+
+
+def complete(
+    model: GPT,
+    tokenizer: Tokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> str:
+    """The text the model appends to `prompt` (the prompt itself is not repeated)."""
+    device = next(model.parameters()).device
+    ids = tokenizer.encode(prompt).ids or [eot_id(tokenizer)]  # an empty prompt starts a new document
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    out = generate(model, idx, max_new_tokens, temperature, top_k, top_p, generator)
+    return tokenizer.decode(out[0, len(ids) :].tolist())
+
+
+def load_checkpoint_for_generation(ckpt_path: str, device: str = "cpu") -> tuple[GPT, Tokenizer]:
+    """The GPT (the student, for a distillation checkpoint) and the tokenizer saved beside it."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise DataPathError(f"ckpt_path {ckpt_path!r} is not a file (expected a .ckpt written by train.py)")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    tokenizer_json = next(
+        (v["tokenizer"] for v in checkpoint.values() if isinstance(v, dict) and v.get("tokenizer")), None
+    )
+    if tokenizer_json is None:
+        raise ConfigError(f"checkpoint {ckpt_path} holds no tokenizer: was it written by train.py on text data?")
+    hparams = checkpoint["hyper_parameters"]
+    net_cfg = hparams.get("net") or hparams.get("student")
+    if net_cfg is None:
+        raise ConfigError(f"checkpoint {ckpt_path} holds no GPT (hyper_parameters has {sorted(hparams)})")
+    prefix = "net." if "net" in hparams else "student."
+    state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    model = GPT(GPTConfig.from_dict(net_cfg))
+    model.load_state_dict(state)
+    return model.to(device).eval(), Tokenizer.from_str(tokenizer_json)
+
+
+def sample_from_checkpoint(cfg: Any) -> list[str]:
+    """generate.py: cfg has ckpt_path, prompt, num_samples, max_new_tokens, temperature, top_k, top_p, seed, device."""
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_checkpoint_for_generation(cfg.ckpt_path, device)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    return [
+        complete(model, tokenizer, cfg.prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, generator)
+        for _ in range(cfg.num_samples)
+    ]

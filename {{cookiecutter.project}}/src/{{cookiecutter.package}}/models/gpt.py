@@ -1,0 +1,120 @@
+"""A GPT language model: token + position embeddings, pre-LN blocks, tied output head.
+
+Imports only torch. Training, sharding and precision live elsewhere (modules/, parallel.py, configs/).
+"""
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .transformer import Block, init_weights
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 2048  # the tokenizer's size; the embedding is padded (padded_vocab_size)
+    max_length: int = 128  # block size: the longest sequence the position table covers
+    num_layers: int = 4
+    d_model: int = 128
+    num_heads: int = 4
+    dropout: float = 0.0
+    bias: bool = False  # no biases in Linear/LayerNorm: a bit faster, no worse (nanoGPT's finding)
+    gradient_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more compute
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "max_length", "num_layers", "d_model", "num_heads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.d_model % self.num_heads:
+            raise ValueError(
+                f"GPTConfig.d_model={self.d_model} must be divisible by num_heads={self.num_heads}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        # A multiple of 64 keeps the (d_model x vocab) matmuls on fast tensor-core tile sizes.
+        return -(-self.vocab_size // 64) * 64
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "GPTConfig":
+        if name not in GPT_PRESETS:
+            raise ValueError(f"unknown GPT preset {name!r}; choose one of {sorted(GPT_PRESETS)}")
+        return cls(**{**GPT_PRESETS[name], **overrides})
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "GPTConfig":
+        """Build from a plain dict (a Hydra node, saved hparams); unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown GPTConfig keys {unknown}; expected some of {sorted(known)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+GPT_PRESETS: dict[str, dict[str, Any]] = {
+    # Trains in seconds on a laptop CPU; every test uses it.
+    "tiny": dict(vocab_size=2048, max_length=128, num_layers=4, d_model=128, num_heads=4),
+    # GPT-2 sizes (Radford et al. 2019); 50257 is GPT-2's vocabulary, padded to 50304.
+    "gpt2-124m": dict(vocab_size=50257, max_length=1024, num_layers=12, d_model=768, num_heads=12),
+    "gpt2-350m": dict(vocab_size=50257, max_length=1024, num_layers=24, d_model=1024, num_heads=16),
+    "gpt2-774m": dict(vocab_size=50257, max_length=1024, num_layers=36, d_model=1280, num_heads=20),
+    "gpt2-1.5b": dict(vocab_size=50257, max_length=1024, num_layers=48, d_model=1600, num_heads=25),
+}
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.padded_vocab_size, config.d_model)
+        self.pos_emb = nn.Embedding(config.max_length, config.d_model)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(
+            Block(config.d_model, config.num_heads, config.dropout, config.bias, causal=True)
+            for _ in range(config.num_layers)
+        )
+        self.ln_f = nn.LayerNorm(config.d_model, bias=config.bias)
+        self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
+        init_weights(self, config.num_layers)
+        # Weight tying (Press & Wolf 2017): the output head reuses the token embedding.
+        self.lm_head.weight = self.tok_emb.weight
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; the position table is left out by default (as in the scaling-law papers)."""
+        n = sum(p.numel() for p in self.parameters())  # tied weights are counted once
+        return n - self.pos_emb.weight.numel() if non_embedding else n
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx: (B, T) token ids -> logits (B, T, padded_vocab_size)."""
+        B, T = idx.shape
+        if T > self.config.max_length:
+            raise ValueError(f"sequence length {T} exceeds max_length={self.config.max_length}")
+        pos = torch.arange(T, device=idx.device)
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
+        for block in self.blocks:
+            if self.config.gradient_checkpointing and self.training:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return self.lm_head(self.ln_f(x))  # (B, T, V_padded)
+
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        """Mean next-token cross-entropy; targets are idx shifted by one, ignore_index masks padding."""
+        logits = self(idx)
+        return F.cross_entropy(
+            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index
+        )

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from hydra.errors import InstantiationException
+from omegaconf.errors import MissingMandatoryValue
 
 T = TypeVar("T")
 
@@ -39,6 +40,8 @@ def exit_on_user_error(fn: Callable[..., T]) -> Callable[..., T]:
             return fn(*args, **kwargs)
         except UserInputError as e:
             message = str(e)
+        except MissingMandatoryValue as e:  # a `???` value in configs/ that nobody set
+            message = f"{e.full_key} is required: set it, e.g. {e.full_key}=..."
         except InstantiationException as e:  # a config value the target's own check rejected
             if not isinstance(e.__cause__, (UserInputError, ValueError)):
                 raise

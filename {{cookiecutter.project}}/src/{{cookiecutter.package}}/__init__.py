@@ -1,4 +1,4 @@
-"""{{ cookiecutter.project_name }}: {{ cookiecutter.description }}"""
+"""My Paper: Experiments with Lightning and Hydra, baked from deepseek-template."""
 
 from .api import train
 from .models.gpt import GPT, GPTConfig

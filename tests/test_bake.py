@@ -1,0 +1,130 @@
+"""Baking: the file set of every module combination, rendering, lint, validation of answers, git."""
+
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import COMBINATIONS, TEMPLATE, baked_files, combo_id, run
+
+# The files each optional module owns, written out here independently of hooks/post_gen_project.py:
+# a project baked without the module must have exactly the default project's files minus these.
+# `{pkg}` is the package folder.
+MODULE_OWNED = {
+    "gpt": [
+        "{pkg}/models/gpt.py",
+        "{pkg}/modules/gpt.py",
+        "{pkg}/data/text.py",
+        "{pkg}/generation.py",
+        "{pkg}/api.py",
+        "{pkg}/callbacks/samples.py",
+        "configs/model/gpt.yaml",
+        "configs/model/net/tiny.yaml",
+        "configs/model/net/gpt2-124m.yaml",
+        "configs/model/net/gpt2-350m.yaml",
+        "configs/model/net/gpt2-774m.yaml",
+        "configs/model/net/gpt2-1.5b.yaml",
+        "configs/data/shakespeare.yaml",
+        "configs/data/text.yaml",
+        "configs/experiment/demo.yaml",
+        "configs/generate.yaml",
+        "generate.py",
+        "tests/test_gpt_model.py",
+        "tests/test_text_data.py",
+        "tests/test_gpt_training.py",
+        "docs/gpt.md",
+    ],
+    "distill": [],
+    "clip": [],
+}
+DEFAULT_FILES = (Path(__file__).parent / "baked_files.txt").read_text().split()
+
+
+def owned(module: str, package: str = "my_paper") -> set[str]:
+    return {p.format(pkg=f"src/{package}") for p in MODULE_OWNED[module]}
+
+
+def test_default_bake_has_exactly_the_listed_files(bake):
+    root = bake()
+    assert root.name == "my-paper"
+    assert sorted(baked_files(root)) == DEFAULT_FILES
+
+
+@pytest.mark.parametrize("combo", COMBINATIONS, ids=combo_id)
+def test_each_combination_drops_exactly_the_unchosen_modules(bake, combo):
+    gpt, distill, clip = combo
+    root = bake(gpt=gpt, distill=distill, clip=clip)
+    expected = set(DEFAULT_FILES)
+    for module, chosen in zip(("gpt", "distill", "clip"), combo):
+        if not chosen:
+            expected -= owned(module)
+    assert baked_files(root) == expected
+    answers = json.loads((root / ".cookiecutter.json").read_text())
+    assert (answers["gpt"], answers["distill"], answers["clip"]) == combo
+
+
+@pytest.mark.parametrize("combo", COMBINATIONS, ids=combo_id)
+def test_no_unrendered_jinja_and_ruff_clean(bake, combo):
+    root = bake(gpt=combo[0], distill=combo[1], clip=combo[2])
+    for rel in baked_files(root):
+        text = (root / rel).read_text(errors="replace")
+        assert not re.search(r"\{\{-?\s*cookiecutter|\{%-?\s|\bcookiecutter\.(?!json)", text), rel
+    ruff = [sys.executable, "-m", "ruff"]
+    lint = run([*ruff, "check", "."], root)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    fmt = run([*ruff, "format", "--check", "."], root)
+    assert fmt.returncode == 0, fmt.stdout + fmt.stderr
+
+
+def test_names_and_license_are_rendered(bake):
+    root = bake(project_name="Sparse Attention Study", author="Ada L", license="Apache-2.0")
+    assert root.name == "sparse-attention-study"
+    assert (root / "src" / "sparse_attention_study" / "__init__.py").is_file()
+    assert "Apache License" in (root / "LICENSE").read_text()
+    assert "Ada L" in (root / "LICENSE").read_text()
+    pyproject = (root / "pyproject.toml").read_text()
+    assert 'name = "sparse-attention-study"' in pyproject and 'license = "Apache-2.0"' in pyproject
+    assert not (bake(project_name="No License", license="none") / "LICENSE").exists()
+
+
+@pytest.mark.parametrize(
+    "answers, message",
+    [
+        ({"project": "My Paper"}, "project 'My Paper': use lowercase letters"),
+        ({"project": "paper-", "package": "paper"}, "project 'paper-'"),
+        ({"package": "my-paper"}, "package 'my-paper': must be a lowercase Python identifier"),
+        ({"package": "class"}, "package 'class'"),
+        ({"package": "torch"}, "package 'torch' would shadow"),
+        ({"package": "json"}, "package 'json' would shadow"),
+        ({"python_version": "2.7"}, "python_version '2.7'"),
+        ({"gpt": False, "distill": True}, "distill needs gpt"),
+        ({"gpt": False, "distill": False, "clip": False}, "choose at least one module"),
+    ],
+)
+def test_invalid_answers_are_rejected_with_one_clear_message(cookies, capfd, answers, message):
+    result = cookies.bake(extra_context={"git_init": False, **answers})
+    assert result.exit_code != 0
+    assert message in capfd.readouterr().err
+    assert result.project_path is None or not Path(result.project_path).exists()
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_git_init_commits_everything(cookies):
+    result = cookies.bake(extra_context={"git_init": True, "author": "Ada L", "email": "ada@example.org"})
+    assert result.exit_code == 0, result.exception
+    root = Path(result.project_path)
+    log = run(["git", "log", "--format=%an <%ae>|%s"], root)
+    assert log.stdout.strip() == "Ada L <ada@example.org>|Initial commit from deepseek-template"
+    assert run(["git", "status", "--porcelain"], root).stdout == ""
+    tracked = set(run(["git", "ls-files"], root).stdout.split())
+    assert tracked == baked_files(root)
+
+
+def test_template_files_are_all_reachable():
+    """Every file under the project template is baked by default (nothing dead in the template)."""
+    template_root = TEMPLATE / "{{cookiecutter.project}}"
+    n_template = sum(1 for p in template_root.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    assert n_template == len(DEFAULT_FILES) - 1  # the hook adds .cookiecutter.json

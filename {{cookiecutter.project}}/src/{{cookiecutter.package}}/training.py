@@ -4,8 +4,11 @@ import logging
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
+
+from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -18,10 +21,20 @@ def build_loggers(cfg: DictConfig) -> list[Any]:
     return [instantiate(c, _convert_="all") for c in (cfg.get("logger") or {}).values() if c is not None]
 
 
+# Strategies that run only on CUDA GPUs, and what to use instead.
+CUDA_ONLY = {
+    "DeepSpeedStrategy": "trainer=ddp (or trainer=fsdp, whose FSDP2 also runs on CPUs)",
+    "FSDPStrategy": "trainer=fsdp (FSDP2), which also runs on CPUs",
+}
+
+
 def build_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     strategy = trainer_cfg.get("strategy")
     if isinstance(strategy, dict):  # a strategy object with settings (FSDP, DeepSpeed)
+        name = strategy["_target_"].rsplit(".", 1)[-1]
+        if name in CUDA_ONLY and not torch.cuda.is_available():
+            raise ConfigError(f"trainer.strategy {name} needs CUDA GPUs and none is available; use {CUDA_ONLY[name]}")
         trainer_cfg["strategy"] = instantiate(strategy, _convert_="all")
     return instantiate(
         trainer_cfg, callbacks=build_callbacks(cfg), logger=build_loggers(cfg) or False, _convert_="all", **overrides

@@ -75,6 +75,9 @@ GPT_PRESETS: dict[str, dict[str, Any]] = {
 
 
 class GPT(nn.Module):
+    # The units that sharding wraps and compilation compiles one by one (see parallel.py).
+    shard_units = (Block,)
+
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config

@@ -7,6 +7,7 @@ import torch
 from torchmetrics import MeanMetric
 
 from ..models.gpt import GPT, GPTConfig
+from ..parallel import compile_units
 from .optim import configure_adamw_cosine
 
 DEFAULT_OPTIMIZER = {"lr": 6e-4, "weight_decay": 0.1, "betas": (0.9, 0.95), "eps": 1e-8, "fused": None}
@@ -17,7 +18,7 @@ class GPTModule(L.LightningModule):
     """Hyperparameters are plain dicts, so checkpoints load with torch.load(weights_only=True).
 
     net: GPTConfig fields (configs/model/net/*.yaml). optimizer: AdamW settings. scheduler:
-    warmup + cosine. compile: torch.compile the network in place.
+    warmup + cosine. compile: torch.compile each transformer block (parallel.compile_units).
     """
 
     work_unit = "tokens"  # what the throughput callback counts
@@ -45,7 +46,7 @@ class GPTModule(L.LightningModule):
             return
         self.net = GPT(self.config)
         if self.hparams.compile:
-            self.net.compile()
+            compile_units(self.net)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.net(idx)
@@ -63,8 +64,9 @@ class GPTModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()  # token-weighted mean over every rank's batches
         self.val_loss.reset()
-        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
-        self.log("val/ppl", loss.exp())
+        # Already equal on every rank; sync_dist only tells Lightning so (a no-op average).
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("val/ppl", loss.exp(), sync_dist=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
         # trainer.model is what the strategy wrapped (DDP, FSDP): its parameters are the ones that train.

@@ -1,0 +1,111 @@
+"""Sharding and compilation applied to plain networks, chosen in configs/trainer/, never in a module.
+
+A network names the submodule classes that are its natural units of work in a class attribute,
+`shard_units` (the GPT names its transformer `Block`). From that alone:
+- `compile_units` compiles each unit's forward with torch.compile (what the module's `compile`
+  switch does on any strategy: per unit, so FSDP's hooks stay outside the compiled graphs);
+- `FSDP2Strategy` shards each unit, then each network root, with FSDP2's `fully_shard` over the
+  data-parallel mesh (ZeRO-3 style: parameters, gradients and optimizer state all sharded).
+Activation checkpointing is per unit too, inside the network (`gradient_checkpointing` in its config).
+"""
+
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, None: None}
+
+
+def shardable_networks(root: nn.Module) -> list[nn.Module]:
+    """The outermost submodules that declare `shard_units` (a module's student, teacher, towers...)."""
+    found: list[nn.Module] = []
+    for module in root.modules():
+        if getattr(module, "shard_units", None) and not any(module in set(n.modules()) for n in found):
+            found.append(module)
+    return found
+
+
+def units_of(network: nn.Module) -> list[nn.Module]:
+    types = tuple(network.shard_units)
+    return [m for m in network.modules() if isinstance(m, types)]
+
+
+def compile_units(network: nn.Module, **compile_kwargs: Any) -> None:
+    """torch.compile each unit's forward in place: parameter names (and checkpoints) do not change."""
+    for unit in units_of(network):
+        unit.forward = torch.compile(unit.forward, **compile_kwargs)
+
+
+def fsdp2_shard(
+    root: nn.Module,
+    mesh: Any,
+    param_dtype: torch.dtype | None = None,
+    reduce_dtype: torch.dtype | None = None,
+    reshard_after_forward: bool = True,
+    cpu_offload: bool = False,
+) -> list[nn.Module]:
+    """fully_shard every unit of every shardable network under `root`, then each network itself
+    (its embeddings and heads), so one all-gather per unit overlaps the previous unit's compute."""
+    networks = shardable_networks(root)
+    if not networks:
+        raise TypeError(
+            f"{type(root).__name__} has no network with `shard_units`: nothing to shard. Declare the block "
+            "classes on the network, e.g. `shard_units = (Block,)`."
+        )
+    kwargs: dict[str, Any] = {
+        "mesh": mesh,
+        "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype),
+        "reshard_after_forward": reshard_after_forward,
+    }
+    if cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    for network in networks:
+        for unit in units_of(network):
+            fully_shard(unit, **kwargs)
+        fully_shard(network, **kwargs)
+    return networks
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """Lightning's ModelParallelStrategy (FSDP2, DTensor) with the sharding applied for you.
+
+    After the LightningModule's `configure_model` built its networks, every network that declares
+    `shard_units` is sharded unit by unit over all devices. param_dtype "bfloat16" all-gathers and
+    computes in bf16 while the sharded master weights and optimizer state stay fp32; reduce_dtype
+    "float32" averages gradients in fp32. Checkpoints are sharded folders (one file per rank plus
+    meta.pt); `python -m <package>.checkpoints <folder> <file>` consolidates one into a single file.
+    """
+
+    def __init__(
+        self,
+        param_dtype: str | None = "bfloat16",
+        reduce_dtype: str | None = "float32",
+        reshard_after_forward: bool = True,
+        cpu_offload: bool = False,
+        save_distributed_checkpoint: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        for name, value in (("param_dtype", param_dtype), ("reduce_dtype", reduce_dtype)):
+            if value not in DTYPES:
+                raise ValueError(f"trainer.strategy.{name}={value!r}: expected one of {sorted(map(str, DTYPES))}")
+        super().__init__(save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
+        self.shard_kwargs = {
+            "param_dtype": DTYPES[param_dtype],
+            "reduce_dtype": DTYPES[reduce_dtype],
+            "reshard_after_forward": reshard_after_forward,
+            "cpu_offload": cpu_offload,
+        }
+
+    def setup_environment(self) -> None:
+        # Every device is one data-parallel shard (Lightning's "auto" would make each node one shard).
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        self._tensor_parallel_size = 1
+        super().setup_environment()
+
+    def setup(self, trainer: L.Trainer) -> None:
+        fsdp2_shard(self.lightning_module, self.device_mesh["data_parallel"], **self.shard_kwargs)
+        super().setup(trainer)

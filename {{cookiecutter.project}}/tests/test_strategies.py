@@ -1,0 +1,70 @@
+"""Trainer presets: DDP and FSDP2 in 2 CPU processes (gloo), sharded checkpoints, CUDA-only presets."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from {{cookiecutter.package}}.checkpoints import consolidate
+from {{cookiecutter.package}}.errors import ConfigError, DataPathError
+from {{cookiecutter.package}}.modules.gpt import GPTModule
+from {{cookiecutter.package}}.training import build_trainer
+
+from .conftest import TINY, run_script
+
+# Two CPU processes; float32 everywhere so DDP and FSDP2 compute the same thing.
+TWO_CPUS = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true", "trainer.max_steps=4"]
+FSDP = ["trainer=fsdp", "trainer.strategy.param_dtype=null", "trainer.strategy.reduce_dtype=null"]
+
+
+def train_run(tmp: Path, name: str, corpus: Path, data_dir: Path, *overrides: str) -> Path:
+    run_dir = tmp / name
+    quiet = ["callbacks.progress_bar=null", "callbacks.model_summary=null", "callbacks.text_samples=null"]
+    run_script(
+        "train.py",
+        *TINY,
+        f"data.paths=[{corpus}]",
+        f"paths.data_dir={data_dir}",
+        *TWO_CPUS,
+        *quiet,
+        "trainer.val_check_interval=2",
+        f"hydra.run.dir={run_dir}",
+        *overrides,
+    )
+    return run_dir / "checkpoints"
+
+
+@pytest.mark.slow
+def test_fsdp2_shards_saves_resumes_and_consolidates_to_the_ddp_weights(tmp_path, corpus, data_dir):
+    ddp = train_run(tmp_path, "ddp", corpus, data_dir, "trainer=ddp")
+    reference = torch.load(ddp / "last.ckpt", weights_only=True)["state_dict"]
+
+    # FSDP2, stopped after 2 of 4 steps (a sharded checkpoint at step 2), then resumed from it.
+    stop = ["+callbacks.stop._target_=tests.conftest.StopAtStep", "+callbacks.stop.step=2"]
+    first = train_run(tmp_path, "fsdp-a", corpus, data_dir, *FSDP, *stop)
+    assert (first / "last.ckpt" / "meta.pt").is_file() and len(list((first / "last.ckpt").glob("*.distcp"))) == 2
+    second = train_run(tmp_path, "fsdp-b", corpus, data_dir, *FSDP, f"ckpt_path={first / 'last.ckpt'}")
+
+    full = consolidate(second / "last.ckpt", tmp_path / "full.ckpt")
+    checkpoint = torch.load(full, weights_only=True)
+    assert checkpoint["global_step"] == 4
+    module = GPTModule.load_from_checkpoint(full, weights_only=True)  # a plain, unsharded model
+    weights = {f"net.{k}": v for k, v in module.net.state_dict().items()}
+    assert weights.keys() == reference.keys()
+    for key, value in reference.items():  # sharded training == replicated training, step for step
+        torch.testing.assert_close(weights[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_consolidate_rejects_what_is_not_a_sharded_checkpoint(tmp_path):
+    with pytest.raises(DataPathError, match="is not a sharded checkpoint folder"):
+        consolidate(tmp_path, tmp_path / "out.ckpt")
+    assert not (tmp_path / "out.ckpt").exists()
+
+
+@pytest.mark.parametrize("preset", ["deepspeed", "deepspeed_offload"])
+def test_cuda_only_presets_fail_at_once_on_cpu_saying_what_to_use(compose_cfg, preset):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    cfg = compose_cfg(overrides=[f"trainer={preset}"])
+    with pytest.raises(ConfigError, match="needs CUDA GPUs.*use trainer=ddp"):
+        build_trainer(cfg)

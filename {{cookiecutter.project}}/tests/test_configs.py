@@ -27,7 +27,9 @@ def test_trainer_presets_compose_and_instantiate(compose_cfg, option):
     assert isinstance(build_trainer(cfg), L.Trainer)
 
 
-@pytest.mark.parametrize("group", ["model", "data", "callbacks", "logger", "debug", "experiment", "hparams_search"])
+@pytest.mark.parametrize(
+    "group", ["model", "data", "callbacks", "logger", "debug", "experiment", "hparams_search", "launcher"]
+)
 def test_every_option_composes_and_instantiates(compose_cfg, group):
     for option in options(group):
         # Options that pick their own data (the Shakespeare corpus) are composed without the test corpus.

@@ -1,0 +1,122 @@
+"""What bench.py does: train a few steps exactly as train.py would, time them, print a table.
+
+Steps are timed with CUDA events on GPUs (host clocks on CPUs) after `warmup` untimed steps, which
+absorb torch.compile, cuDNN autotuning and allocator growth. The table reports the median step.
+"""
+
+import logging
+import statistics
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from .callbacks.throughput import peak_flops
+from .training import build_trainer
+
+log = logging.getLogger(__name__)
+
+
+class StepTimer(L.Callback):
+    """Records each training step's duration and work (items, FLOPs) from the module's count_work."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.times_ms: list[float] = []
+        self.items: list[int] = []
+        self.flops: list[float] = []
+        self._pending: list[tuple[Any, Any]] = []
+        self._t0 = 0.0
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, i: int) -> None:
+        if pl_module.device.type == "cuda":
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            self._pending.append((start, None))
+        else:
+            self._t0 = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, out: Any, batch: Any, i: int
+    ) -> None:
+        timed = i >= self.warmup
+        if pl_module.device.type == "cuda":
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            start, _ = self._pending.pop()
+            if timed:
+                self._pending.insert(0, (start, end))  # read after the run: no host sync per step
+        elif timed:
+            self.times_ms.append((time.perf_counter() - self._t0) * 1e3)
+        if timed:
+            items, flops = pl_module.count_work(batch)
+            self.items.append(items)
+            self.flops.append(flops)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._pending:
+            torch.cuda.synchronize()
+            self.times_ms = [s.elapsed_time(e) for s, e in reversed(self._pending)]
+            self._pending.clear()
+
+
+def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
+    """Returns (and logs as a table) median step time, throughput, MFU and peak memory per device."""
+    L.seed_everything(cfg.seed)
+    datamodule = instantiate(cfg.data, _convert_="all")
+    model = instantiate(cfg.model, _convert_="all")
+    timer = StepTimer(cfg.bench.warmup)
+    trainer = build_trainer(cfg, max_steps=cfg.bench.warmup + cfg.bench.steps)
+    trainer.callbacks.append(timer)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    profiler = None
+    if cfg.bench.profile:
+        profiler = torch.profiler.profile(
+            schedule=torch.profiler.schedule(wait=cfg.bench.warmup, warmup=2, active=5, repeat=1),
+            on_trace_ready=torch.profiler.tensorboard_trace_handler(f"{cfg.paths.output_dir}/profile"),
+            record_shapes=True,
+            with_stack=False,
+        )
+        trainer.callbacks.append(_ProfilerStep(profiler))
+        profiler.start()
+    trainer.fit(model, datamodule=datamodule)
+    if profiler is not None:
+        profiler.stop()
+
+    step_ms = statistics.median(timer.times_ms)
+    items = statistics.median(timer.items)
+    flops = statistics.median(timer.flops)
+    device = model.device
+    peak = peak_flops(device, str(trainer.precision))
+    result = {
+        "module": type(model).__name__,
+        "params_M": getattr(model, "num_params", 0) / 1e6,
+        "batch_per_device": cfg.data.batch_size,
+        "precision": str(trainer.precision),
+        "strategy": type(trainer.strategy).__name__,
+        "devices": trainer.world_size,
+        "step_ms": step_ms,
+        f"{model.work_unit}_per_sec": items * trainer.world_size / (step_ms / 1e3),
+        f"{model.work_unit}_per_sec_per_device": items / (step_ms / 1e3),
+        "mfu": flops / (step_ms / 1e3) / peak if peak else None,
+        "max_memory_GiB": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "timed_steps": len(timer.times_ms),
+    }
+    if trainer.is_global_zero:
+        width = max(map(len, result))
+        lines = [f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}" for k, v in result.items()]
+        print("\n".join(["benchmark", *lines]), flush=True)
+    return result
+
+
+class _ProfilerStep(L.Callback):
+    def __init__(self, profiler: torch.profiler.profile) -> None:
+        self.profiler = profiler
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.profiler.step()

@@ -30,6 +30,8 @@ class StepTimer(L.Callback):
         self.flops: list[float] = []
         self._pending: list[tuple[Any, Any]] = []
         self._t0 = 0.0
+        self.device = torch.device("cpu")  # where training ran (Lightning moves the module back after fit)
+        self.max_memory_gib: float | None = None
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, i: int) -> None:
         if pl_module.device.type == "cuda":
@@ -57,6 +59,9 @@ class StepTimer(L.Callback):
             self.flops.append(flops)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.device = pl_module.device
+        if self.device.type == "cuda":
+            self.max_memory_gib = torch.cuda.max_memory_allocated(self.device) / 2**30
         if self._pending:
             torch.cuda.synchronize()
             self.times_ms = [s.elapsed_time(e) for s, e in reversed(self._pending)]
@@ -90,7 +95,7 @@ def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
     step_ms = statistics.median(timer.times_ms)
     items = statistics.median(timer.items)
     flops = statistics.median(timer.flops)
-    device = model.device
+    device = timer.device
     peak = peak_flops(device, str(trainer.precision))
     result = {
         "module": type(model).__name__,
@@ -103,7 +108,7 @@ def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
         f"{model.work_unit}_per_sec": items * trainer.world_size / (step_ms / 1e3),
         f"{model.work_unit}_per_sec_per_device": items / (step_ms / 1e3),
         "mfu": flops / (step_ms / 1e3) / peak if peak else None,
-        "max_memory_GiB": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+        "max_memory_GiB": timer.max_memory_gib,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "timed_steps": len(timer.times_ms),
     }

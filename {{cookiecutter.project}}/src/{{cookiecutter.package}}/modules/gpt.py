@@ -10,7 +10,7 @@ from ..models.gpt import GPT, GPTConfig
 from ..parallel import compile_units
 from .optim import configure_adamw_cosine
 
-DEFAULT_OPTIMIZER = {"lr": 6e-4, "weight_decay": 0.1, "betas": (0.9, 0.95), "eps": 1e-8, "fused": None}
+DEFAULT_OPTIMIZER = {"lr": 6e-4, "weight_decay": 0.1, "betas": (0.9, 0.95), "eps": 1e-8, "fused": False}
 DEFAULT_SCHEDULER = {"warmup_steps": 100, "min_lr_ratio": 0.1, "total_steps": None}
 
 
@@ -56,6 +56,10 @@ class GPTModule(L.LightningModule):
         loss = self.net.loss(x, y)
         self.log("train/loss", loss, prog_bar=True)
         return loss
+
+    def on_validation_epoch_start(self) -> None:
+        # DeepSpeed moves only the engine's parameters to the GPU; the metric's state must follow.
+        self.val_loss.to(self.device)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch

@@ -38,6 +38,22 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
+    """Sets every parameter group's LR to peak_lr * warmup_cosine(step). It reads the optimizer's
+    groups at each step, so it survives strategies that regroup parameters (DeepSpeed ZeRO-3)."""
+
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, peak_lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float
+    ) -> None:
+        self.peak_lr, self.warmup_steps = peak_lr, warmup_steps
+        self.total_steps, self.min_lr_ratio = total_steps, min_lr_ratio
+        super().__init__(optimizer)
+
+    def get_lr(self) -> list[float]:
+        lr = self.peak_lr * warmup_cosine(self.last_epoch, self.warmup_steps, self.total_steps, self.min_lr_ratio)
+        return [lr] * len(self.optimizer.param_groups)
+
+
 def configure_adamw_cosine(
     module: Any, params: Iterable[torch.nn.Parameter], optimizer: dict[str, Any], scheduler: dict[str, Any]
 ) -> dict[str, Any]:
@@ -47,5 +63,5 @@ def configure_adamw_cosine(
     if not math.isfinite(total):
         raise ValueError("the LR schedule needs a length: set trainer.max_steps or model.scheduler.total_steps")
     warmup, min_ratio = scheduler.get("warmup_steps", 0), scheduler.get("min_lr_ratio", 0.1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup, int(total), min_ratio))
+    sched = WarmupCosine(opt, optimizer["lr"], warmup, int(total), min_ratio)
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -35,9 +35,13 @@ def units_of(network: nn.Module) -> list[nn.Module]:
 
 
 def compile_units(network: nn.Module, **compile_kwargs: Any) -> None:
-    """torch.compile each unit's forward in place: parameter names (and checkpoints) do not change."""
+    """torch.compile each unit's forward, and each method named in the network's `compile_methods`,
+    in place: parameter names (and checkpoints) do not change, and FSDP's per-unit hooks stay
+    outside the compiled graphs."""
     for unit in units_of(network):
         unit.forward = torch.compile(unit.forward, **compile_kwargs)
+    for name in getattr(network, "compile_methods", ()):
+        setattr(network, name, torch.compile(getattr(network, name), **compile_kwargs))
 
 
 def fsdp2_shard(

@@ -75,8 +75,10 @@ GPT_PRESETS: dict[str, dict[str, Any]] = {
 
 
 class GPT(nn.Module):
-    # The units that sharding wraps and compilation compiles one by one (see parallel.py).
+    # The units that sharding wraps and compilation compiles one by one, and the methods compiled
+    # whole besides them (see parallel.py).
     shard_units = (Block,)
+    compile_methods = ("head_loss",)
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -99,8 +101,8 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())  # tied weights are counted once
         return n - self.pos_emb.weight.numel() if non_embedding else n
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """idx: (B, T) token ids -> logits (B, T, padded_vocab_size)."""
+    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx: (B, T) token ids -> final hidden states (B, T, C), before the last LayerNorm."""
         B, T = idx.shape
         if self.config.max_length < T:
             raise ValueError(f"sequence length {T} exceeds max_length={self.config.max_length}")
@@ -111,9 +113,18 @@ class GPT(nn.Module):
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
-        return self.lm_head(self.ln_f(x))  # (B, T, V_padded)
+        return x
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx: (B, T) token ids -> logits (B, T, padded_vocab_size)."""
+        return self.lm_head(self.ln_f(self.hidden(idx)))
+
+    def head_loss(self, x: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        """Final LayerNorm, output head and cross-entropy in one function, so torch.compile can fuse
+        them: the (B*T, V) logits then never exist in float32 in memory."""
+        logits = self.lm_head(self.ln_f(x))  # (B, T, V_padded)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """Mean next-token cross-entropy; targets are idx shifted by one, ignore_index masks padding."""
-        logits = self(idx)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)
+        return self.head_loss(self.hidden(idx), targets, ignore_index)

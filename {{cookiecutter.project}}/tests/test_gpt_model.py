@@ -135,3 +135,14 @@ def test_compile_units_keeps_parameter_names_and_results():
     assert list(compiled.state_dict()) == list(eager.state_dict())
     x = torch.randint(0, 2048, (2, 16))
     torch.testing.assert_close(compiled.loss(x[:, :-1], x[:, 1:]), eager.loss(x[:, :-1], x[:, 1:]))
+
+
+def test_layers_initialise_themselves_as_they_are_built():
+    """GPT-2 init happens inside each layer's constructor (so DeepSpeed's zero.Init, which partitions
+    every layer right after its constructor, still gets it): check the statistics on a wide model."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=4096, max_length=256, num_layers=8, d_model=512, num_heads=8))
+    assert model.tok_emb.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.blocks[0].attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.blocks[0].mlp.proj.weight.std().item() == pytest.approx(0.02 / 4, rel=0.05)  # 1/sqrt(2*8)
+    assert model.blocks[0].ln_1.weight.eq(1).all()

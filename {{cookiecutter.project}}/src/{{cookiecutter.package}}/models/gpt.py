@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .transformer import Block, init_weights
+from .transformer import Block, Embedding, Linear
 
 
 @dataclass
@@ -83,16 +83,17 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
-        self.tok_emb = nn.Embedding(config.padded_vocab_size, config.d_model)
-        self.pos_emb = nn.Embedding(config.max_length, config.d_model)
+        # Every layer initialises itself as it is built (transformer.py), so the weights come out the
+        # same whether the strategy builds them whole, partitioned (DeepSpeed ZeRO-3) or on meta.
+        self.tok_emb = Embedding(config.padded_vocab_size, config.d_model)
+        self.pos_emb = Embedding(config.max_length, config.d_model)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(
-            Block(config.d_model, config.num_heads, config.dropout, config.bias, causal=True)
+            Block(config.d_model, config.num_heads, config.dropout, config.bias, causal=True, depth=config.num_layers)
             for _ in range(config.num_layers)
         )
         self.ln_f = nn.LayerNorm(config.d_model, bias=config.bias)
-        self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
-        init_weights(self, config.num_layers)
+        self.lm_head = Linear(config.d_model, config.padded_vocab_size, bias=False)
         # Weight tying (Press & Wolf 2017): the output head reuses the token embedding.
         self.lm_head.weight = self.tok_emb.weight
 
@@ -101,8 +102,10 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())  # tied weights are counted once
         return n - self.pos_emb.weight.numel() if non_embedding else n
 
-    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
-        """idx: (B, T) token ids -> final hidden states (B, T, C), before the last LayerNorm."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, ignore_index: int = -100) -> torch.Tensor:
+        """idx: (B, T) token ids -> logits (B, T, padded_vocab_size); with targets (B, T), the mean
+        next-token cross-entropy instead (ignore_index masks padding). One entry point for both, so
+        wrappers that hook the forward (FSDP2 gathering the embeddings and head) see every use."""
         B, T = idx.shape
         if self.config.max_length < T:
             raise ValueError(f"sequence length {T} exceeds max_length={self.config.max_length}")
@@ -113,11 +116,9 @@ class GPT(nn.Module):
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
-        return x
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """idx: (B, T) token ids -> logits (B, T, padded_vocab_size)."""
-        return self.lm_head(self.ln_f(self.hidden(idx)))
+        if targets is None:
+            return self.lm_head(self.ln_f(x))  # (B, T, V_padded)
+        return self.head_loss(x, targets, ignore_index)
 
     def head_loss(self, x: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """Final LayerNorm, output head and cross-entropy in one function, so torch.compile can fuse
@@ -127,4 +128,4 @@ class GPT(nn.Module):
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """Mean next-token cross-entropy; targets are idx shifted by one, ignore_index masks padding."""
-        return self.head_loss(self.hidden(idx), targets, ignore_index)
+        return self(idx, targets, ignore_index)

@@ -1,21 +1,49 @@
 """Pre-LN transformer blocks shared by the GPT and the CLIP text tower. Imports only torch."""
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+STD = 0.02  # GPT-2's initialisation scale
+
+
+class Linear(nn.Linear):
+    """nn.Linear initialised N(0, std) with zero bias inside `reset_parameters`, i.e. while the layer
+    itself is being built: strategies that partition each layer as soon as it exists (DeepSpeed's
+    zero.Init) or materialise it later from the meta device then initialise it the same way."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, std: float = STD) -> None:
+        self.std = std  # read by reset_parameters, which nn.Linear.__init__ calls
+        super().__init__(in_features, out_features, bias=bias)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, mean=0.0, std=self.std)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding initialised N(0, 0.02) (torch's default is N(0, 1)), at construction as Linear."""
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, mean=0.0, std=STD)
 
 
 class SelfAttention(nn.Module):
     """Multi-head self-attention through `scaled_dot_product_attention` (flash / memory-efficient
     kernels on GPU). `causal=True` masks future positions; otherwise an optional padding mask."""
 
-    def __init__(self, d_model: int, num_heads: int, dropout: float, bias: bool, causal: bool) -> None:
+    def __init__(
+        self, d_model: int, num_heads: int, dropout: float, bias: bool, causal: bool, proj_std: float = STD
+    ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.causal = causal
         self.dropout = dropout
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
-        self.proj = nn.Linear(d_model, d_model, bias=bias)
+        self.qkv = Linear(d_model, 3 * d_model, bias)
+        self.proj = Linear(d_model, d_model, bias, std=proj_std)
         self.resid_dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -38,10 +66,10 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, d_model: int, dropout: float, bias: bool) -> None:
+    def __init__(self, d_model: int, dropout: float, bias: bool, proj_std: float = STD) -> None:
         super().__init__()
-        self.fc = nn.Linear(d_model, 4 * d_model, bias=bias)
-        self.proj = nn.Linear(4 * d_model, d_model, bias=bias)
+        self.fc = Linear(d_model, 4 * d_model, bias)
+        self.proj = Linear(4 * d_model, d_model, bias, std=proj_std)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -49,28 +77,20 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """x + attn(ln(x)), then x + mlp(ln(x)). The unit that FSDP shards and checkpointing recomputes."""
+    """x + attn(ln(x)), then x + mlp(ln(x)). The unit that FSDP shards and checkpointing recomputes.
 
-    def __init__(self, d_model: int, num_heads: int, dropout: float, bias: bool, causal: bool) -> None:
+    `depth` is the number of blocks in the stack: the two residual projections start at
+    N(0, 0.02 / sqrt(2 * depth)) so the residual stream's variance does not grow with depth (GPT-2).
+    """
+
+    def __init__(self, d_model: int, num_heads: int, dropout: float, bias: bool, causal: bool, depth: int = 1) -> None:
         super().__init__()
+        proj_std = STD / math.sqrt(2 * depth)
         self.ln_1 = nn.LayerNorm(d_model, bias=bias)
-        self.attn = SelfAttention(d_model, num_heads, dropout, bias, causal)
+        self.attn = SelfAttention(d_model, num_heads, dropout, bias, causal, proj_std)
         self.ln_2 = nn.LayerNorm(d_model, bias=bias)
-        self.mlp = MLP(d_model, dropout, bias)
+        self.mlp = MLP(d_model, dropout, bias, proj_std)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), attn_mask)
         return x + self.mlp(self.ln_2(x))
-
-
-def init_weights(module: nn.Module, num_layers: int) -> None:
-    """GPT-2 initialisation: N(0, 0.02) everywhere, residual projections scaled by 1/sqrt(2L) so
-    the residual stream's variance does not grow with depth."""
-    for name, p in module.named_parameters():
-        if p.dim() < 2:
-            continue  # LayerNorm weights stay 1, biases 0 (as nn.Module built them)
-        std = 0.02 / (2 * num_layers) ** 0.5 if name.endswith("proj.weight") else 0.02
-        nn.init.normal_(p, mean=0.0, std=std)
-    for m in module.modules():
-        if isinstance(m, nn.Linear) and m.bias is not None:
-            nn.init.zeros_(m.bias)

@@ -44,8 +44,17 @@ def random_case(seed=0, B=3, T=11, Vs=70, Vt=67, V=64, dtype=torch.float32):
 def test_matches_float64_reference_values_and_gradients(kind, temperature, chunk_size):
     student, teacher, labels = random_case()
     student.requires_grad_(True)
-    out = distillation_loss(student, teacher, labels, alpha=0.7, temperature=temperature, kind=kind,
-                            ignore_index=IGNORE, vocab_size=64, chunk_size=chunk_size)
+    out = distillation_loss(
+        student,
+        teacher,
+        labels,
+        alpha=0.7,
+        temperature=temperature,
+        kind=kind,
+        ignore_index=IGNORE,
+        vocab_size=64,
+        chunk_size=chunk_size,
+    )
     out["loss"].backward()
 
     ref_student = student.detach().double().requires_grad_(True)
@@ -82,8 +91,8 @@ def test_hand_written_backward_passes_gradcheck(kind):
     labels[0, 0] = IGNORE
 
     def total(s):
-        return distillation_loss(s, teacher, labels, alpha=0.4, temperature=1.7, kind=kind, vocab_size=9,
-                                 chunk_size=3)["loss"]
+        out = distillation_loss(s, teacher, labels, alpha=0.4, temperature=1.7, kind=kind, vocab_size=9, chunk_size=3)
+        return out["loss"]
 
     assert torch.autograd.gradcheck(total, (student.requires_grad_(True),))
 

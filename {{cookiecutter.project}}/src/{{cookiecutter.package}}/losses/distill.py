@@ -73,8 +73,17 @@ class _ChunkedDistillation(torch.autograd.Function):
     label is not ignore_index. Gradients flow to the student logits only."""
 
     @staticmethod
-    def forward(ctx, student: Tensor, teacher: Tensor, labels: Tensor, temperature: float, reverse: bool,
-                ignore_index: int, vocab_size: int, chunk_size: int) -> tuple[Tensor, Tensor]:
+    def forward(
+        ctx,
+        student: Tensor,
+        teacher: Tensor,
+        labels: Tensor,
+        temperature: float,
+        reverse: bool,
+        ignore_index: int,
+        vocab_size: int,
+        chunk_size: int,
+    ) -> tuple[Tensor, Tensor]:
         # float64 inputs stay float64 (gradcheck, the reference tests); everything else computes in float32.
         dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
         valid = labels != ignore_index  # (N,)

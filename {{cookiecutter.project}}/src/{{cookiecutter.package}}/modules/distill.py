@@ -303,7 +303,12 @@ class DistillModule(L.LightningModule):
         if not self.trainer.is_global_zero or not source:
             return
         if Path(source).is_dir():
-            log.info("sharded checkpoint %s: consolidate it, then export_student() writes student.ckpt", source)
+            log.info(
+                "sharded checkpoint %s: consolidate it (python -m %s.checkpoints <folder> student.ckpt); the "
+                "single file is a GPT checkpoint of the student",
+                source,
+                __package__.split(".")[0],
+            )
             return
         out = export_student(source, Path(source).parent / "student.ckpt")
         log.info("the student: %s (from %s)", out, source)

@@ -32,7 +32,17 @@ MODULE_FILES = {
         "tests/test_gpt_training.py",
         "docs/gpt.md",
     ],
-    "distill": [],
+    "distill": [
+        f"{PKG}/losses/distill.py",
+        f"{PKG}/modules/distill.py",
+        "configs/model/distill.yaml",
+        "configs/experiment/distill_shakespeare_teacher.yaml",
+        "configs/experiment/distill_shakespeare.yaml",
+        "benchmarks/distill_step.py",
+        "tests/test_distill_loss.py",
+        "tests/test_distill.py",
+        "docs/distill.md",
+    ],
     "clip": [],
 }
 
@@ -49,6 +59,11 @@ def remove_unchosen(root: Path) -> None:
                 path.unlink()
             else:
                 sys.exit(f"deepseek-template bug: the {module!r} module lists {rel}, which was not baked")
+            # A folder that held only this module's files (e.g. benchmarks/) goes too: no empty folders.
+            parent = path.parent
+            while parent != root and not any(parent.iterdir()):
+                parent.rmdir()
+                parent = parent.parent
 
 
 def record_answers(root: Path) -> None:

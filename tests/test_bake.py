@@ -37,7 +37,17 @@ MODULE_OWNED = {
         "tests/test_gpt_training.py",
         "docs/gpt.md",
     ],
-    "distill": [],
+    "distill": [
+        "{pkg}/losses/distill.py",
+        "{pkg}/modules/distill.py",
+        "configs/model/distill.yaml",
+        "configs/experiment/distill_shakespeare_teacher.yaml",
+        "configs/experiment/distill_shakespeare.yaml",
+        "benchmarks/distill_step.py",
+        "tests/test_distill_loss.py",
+        "tests/test_distill.py",
+        "docs/distill.md",
+    ],
     "clip": [],
 }
 DEFAULT_FILES = (Path(__file__).parent / "baked_files.txt").read_text().split()

@@ -61,6 +61,31 @@ TINY = [
 ]
 
 
+def compose_at(
+    out: Path,
+    data_dir: Path,
+    corpus: Path,
+    config_name: str = "train",
+    overrides: list[str] | None = None,
+    tiny: bool = True,
+) -> DictConfig:
+    """The config train.py would see, writing under `out` (logs, outputs) and `data_dir` (token caches).
+
+    `tiny=True` prepends TINY and points data.paths at `corpus`."""
+    extra = [*TINY, f"data.paths=[{corpus}]"] if tiny else []
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(config_name, overrides=[*extra, *(overrides or [])], return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(ROOT)
+        cfg.paths.data_dir = str(data_dir)
+        cfg.paths.log_dir = str(out / "logs")
+        cfg.paths.output_dir = str(out / "out")
+        cfg.hydra.runtime.output_dir = str(out / "out")
+    HydraConfig().set_config(cfg)
+    return cfg
+
+
 @pytest.fixture
 def compose_cfg(tmp_path: Path, data_dir: Path, corpus: Path) -> Callable[..., DictConfig]:
     """compose_cfg("train", [overrides]) -> the config train.py would see, writing under tmp_path.
@@ -68,18 +93,7 @@ def compose_cfg(tmp_path: Path, data_dir: Path, corpus: Path) -> Callable[..., D
     `tiny=True` (the default) prepends TINY and points data.paths at the test corpus."""
 
     def _compose(config_name: str = "train", overrides: list[str] | None = None, tiny: bool = True) -> DictConfig:
-        extra = [*TINY, f"data.paths=[{corpus}]"] if tiny else []
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-            cfg = compose(config_name, overrides=[*extra, *(overrides or [])], return_hydra_config=True)
-        with open_dict(cfg):
-            cfg.paths.root_dir = str(ROOT)
-            cfg.paths.data_dir = str(data_dir)
-            cfg.paths.log_dir = str(tmp_path / "logs")
-            cfg.paths.output_dir = str(tmp_path / "out")
-            cfg.hydra.runtime.output_dir = str(tmp_path / "out")
-        HydraConfig().set_config(cfg)
-        return cfg
+        return compose_at(tmp_path, data_dir, corpus, config_name, overrides, tiny)
 
     yield _compose
     GlobalHydra.instance().clear()

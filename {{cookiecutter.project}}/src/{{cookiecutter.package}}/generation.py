@@ -71,26 +71,37 @@ def complete(
     return tokenizer.decode(out[0, len(ids) :].tolist())
 
 
-def load_checkpoint_for_generation(ckpt_path: str, device: str = "cpu") -> tuple[GPT, Tokenizer]:
-    """The GPT (the student, for a distillation checkpoint) and the tokenizer saved beside it."""
+def load_gpt_checkpoint(ckpt_path: str, key: str = "ckpt_path") -> tuple[GPT, Tokenizer]:
+    """The GPT `net` of a checkpoint train.py wrote (a GPT run, or a distillation run, whose `net` is
+    the student) and the tokenizer saved in it, on the CPU in train mode. `key` is the config key
+    that named the file, for the error messages."""
     path = Path(ckpt_path)
+    if path.is_dir():
+        raise DataPathError(
+            f"{key}={ckpt_path!r} is a sharded checkpoint folder; consolidate it into one file first: "
+            f"python -m {__package__}.checkpoints {ckpt_path} full.ckpt"
+        )
     if not path.is_file():
-        raise DataPathError(f"ckpt_path {ckpt_path!r} is not a file (expected a .ckpt written by train.py)")
+        raise DataPathError(f"{key}={ckpt_path!r} is not a file (expected a .ckpt written by train.py)")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     tokenizer_json = next(
         (v["tokenizer"] for v in checkpoint.values() if isinstance(v, dict) and v.get("tokenizer")), None
     )
     if tokenizer_json is None:
-        raise ConfigError(f"checkpoint {ckpt_path} holds no tokenizer: was it written by train.py on text data?")
-    hparams = checkpoint["hyper_parameters"]
-    net_cfg = hparams.get("net") or hparams.get("student")
-    if net_cfg is None:
-        raise ConfigError(f"checkpoint {ckpt_path} holds no GPT (hyper_parameters has {sorted(hparams)})")
-    prefix = "net." if "net" in hparams else "student."
-    state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-    model = GPT(GPTConfig.from_dict(net_cfg))
+        raise ConfigError(f"{key}: checkpoint {ckpt_path} holds no tokenizer: was it written by train.py on text data?")
+    hparams = checkpoint.get("hyper_parameters", {})
+    if not isinstance(hparams.get("net"), dict):
+        raise ConfigError(f"{key}: checkpoint {ckpt_path} holds no GPT (hyper_parameters has {sorted(hparams)})")
+    state = {k[len("net.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
+    model = GPT(GPTConfig.from_dict(hparams["net"]))
     model.load_state_dict(state)
-    return model.to(device).eval(), Tokenizer.from_str(tokenizer_json)
+    return model, Tokenizer.from_str(tokenizer_json)
+
+
+def load_checkpoint_for_generation(ckpt_path: str, device: str = "cpu") -> tuple[GPT, Tokenizer]:
+    """The GPT (the student, for a distillation checkpoint) and its tokenizer, ready to sample."""
+    model, tokenizer = load_gpt_checkpoint(ckpt_path)
+    return model.to(device).eval(), tokenizer
 
 
 def sample_from_checkpoint(cfg: Any) -> list[str]:

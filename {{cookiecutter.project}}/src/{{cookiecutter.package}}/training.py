@@ -1,6 +1,8 @@
 """What train.py and eval.py do with a composed Hydra config: build, fit or validate, report."""
 
+import inspect
 import logging
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -8,7 +10,7 @@ import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from .errors import ConfigError
+from .errors import ConfigError, DataPathError
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +82,32 @@ def report(trainer: L.Trainer, datamodule: L.LightningDataModule, metrics: dict[
         log.info("results after %d steps:\n%s", trainer.global_step, "\n".join(lines))
 
 
+def check_checkpoint_fits(module_class: type, ckpt_path: str) -> None:
+    """A checkpoint of another module (eval.py model=distill on a GPT run, say) is a user error, not a
+    TypeError from deep inside Lightning: name what the module needs and what the file holds."""
+    path = Path(ckpt_path)
+    if not path.exists():
+        raise DataPathError(f"ckpt_path {ckpt_path!r} does not exist")
+    if not path.is_file():
+        return  # a sharded folder: Lightning reads it
+    hparams = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
+    required = [
+        name
+        for name, p in inspect.signature(module_class.__init__).parameters.items()
+        if name != "self" and p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+    missing = [name for name in required if name not in hparams]
+    if missing:
+        raise ConfigError(
+            f"checkpoint {ckpt_path} was not written by {module_class.__name__} (it needs hyper-parameters "
+            f"{missing}; the file has {sorted(hparams)}): pass the model= option of the run that wrote it"
+        )
+
+
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Validate a checkpoint written by train.py on the configured data."""
     module_class = get_class(cfg.model._target_)
+    check_checkpoint_fits(module_class, cfg.ckpt_path)
     model = module_class.load_from_checkpoint(cfg.ckpt_path, map_location="cpu", weights_only=True)
     datamodule = instantiate(cfg.data, _convert_="all")
     trainer = build_trainer(cfg)

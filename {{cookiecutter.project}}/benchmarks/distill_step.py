@@ -1,0 +1,257 @@
+"""Time a distillation training step against a plain student step; print a table.
+
+    python benchmarks/distill_step.py                                  # tiny presets, CPU: a smoke test
+    python benchmarks/distill_step.py --teacher gpt2-774m --student gpt2-124m --batch 8 --seq-len 1024 \\
+        --device cuda --dtype bf16
+
+Rows (each a full training step: forward, backward, AdamW step, zero_grad, as model=gpt / model=distill do):
+  student      the student alone on the labels: student.loss (GPT.loss), what model=gpt runs
+  distill      teacher forward under no_grad, student forward, distillation_loss, backward, step
+  teacher fwd  the teacher's forward alone (no_grad): the main part of distillation's extra cost
+  loss only    distillation_loss forward + backward on stored logits: the loss's own time and memory
+
+`--dtype bf16` runs each step under bf16 autocast with fp32 weights and optimizer state (what
+trainer=bf16 does); the teacher's forward then runs in bf16 under no_grad. `--teacher-weights bf16`
+also stores the frozen teacher in bf16 (half its memory; it has no optimizer state to keep precise).
+Times are CUDA events on a GPU (host clocks on a CPU), after `--warmup` untimed steps; the table
+shows the median. Peak memory is torch.cuda.max_memory_allocated for each row alone (CUDA only).
+Runs from a checkout: the project's src/ is put on the path when the package is not installed.
+"""
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+if str(SRC) not in sys.path:
+    sys.path.insert(0, str(SRC))
+
+from {{cookiecutter.package}}.losses.distill import KINDS, distillation_loss  # noqa: E402
+from {{cookiecutter.package}}.models.gpt import GPT, GPT_PRESETS, GPTConfig  # noqa: E402
+from {{cookiecutter.package}}.modules.optim import build_adamw  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", default="tiny", choices=sorted(GPT_PRESETS), help="teacher preset")
+    p.add_argument("--student", default="tiny", choices=sorted(GPT_PRESETS), help="student preset")
+    p.add_argument("--student-layers", type=int, default=None, help="override the student's num_layers")
+    p.add_argument("--vocab-size", type=int, default=None, help="shared vocabulary (default: the teacher preset's)")
+    p.add_argument("--batch", type=int, default=8, help="sequences per step")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast, fp32 weights")
+    p.add_argument("--teacher-weights", default="fp32", choices=["fp32", "bf16"], help="the frozen teacher's storage")
+    p.add_argument("--chunk-size", type=int, default=1024, help="tokens per loss chunk; 0: unchunked")
+    p.add_argument("--alpha", type=float, default=0.7)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--kind", default="forward", choices=KINDS)
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    p.add_argument("--steps", type=int, default=20, help="timed steps (the median is reported)")
+    p.add_argument("--rows", default="student,distill,teacher,loss", help="which rows to run, comma-separated")
+    args = p.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+    for name in ("batch", "seq_len", "steps"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    return args
+
+
+class Timer:
+    """Per-step durations in ms: CUDA events read once at the end (no host sync per step), or host clocks."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.host_ms: list[float] = []
+
+    def time(self, fn: Callable[[], None]) -> None:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            self.events.append((start, end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            self.host_ms.append((time.perf_counter() - t0) * 1e3)
+
+    def median_ms(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return statistics.median(s.elapsed_time(e) for s, e in self.events)
+        return statistics.median(self.host_ms)
+
+
+def measure(name: str, step: Callable[[], None], args: argparse.Namespace, device: torch.device) -> dict:
+    """Warm up, then time `step`; peak memory is this row's alone."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        for _ in range(args.warmup):
+            step()
+        timer = Timer(device)
+        for _ in range(args.steps):
+            timer.time(step)
+        ms = timer.median_ms()
+    except torch.OutOfMemoryError:
+        return {"row": name, "ms": None, "peak_gib": None, "note": "out of memory"}
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {"row": name, "ms": ms, "peak_gib": peak, "note": ""}
+
+
+def build(config: GPTConfig, device: torch.device, dtype: torch.dtype = torch.float32) -> GPT:
+    with torch.device(device):
+        return GPT(config).to(dtype)
+
+
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    device = torch.device(args.device)
+    vocab = args.vocab_size or GPT_PRESETS[args.teacher]["vocab_size"]
+    shape = {"vocab_size": vocab, "max_length": args.seq_len}  # one tokenizer, one context for both
+    student_cfg = GPTConfig.from_name(args.student, **shape)
+    if args.student_layers:
+        student_cfg = GPTConfig.from_dict({**student_cfg.to_dict(), "num_layers": args.student_layers})
+    teacher_cfg = GPTConfig.from_name(args.teacher, **shape)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext()
+    teacher_dtype = torch.bfloat16 if args.teacher_weights == "bf16" else torch.float32
+    loss_kwargs = dict(
+        alpha=args.alpha,
+        temperature=args.temperature,
+        kind=args.kind,
+        vocab_size=vocab,
+        chunk_size=args.chunk_size or None,
+    )
+    g = torch.Generator(device=device).manual_seed(0)
+    batches = [torch.randint(0, vocab, (args.batch, args.seq_len + 1), device=device, generator=g) for _ in range(4)]
+    it = iter(range(10**9))
+
+    def batch() -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = batches[next(it) % len(batches)]
+        return tokens[:, :-1], tokens[:, 1:]  # (B, T) inputs, (B, T) next-token labels
+
+    rows = set(args.rows.split(","))
+    results = []
+    torch.manual_seed(0)
+    if "student" in rows:
+        student = build(student_cfg, device).train()
+        opt = build_adamw(student.parameters(), lr=1e-4)
+
+        def student_step() -> None:
+            x, y = batch()
+            with autocast:
+                loss = student.loss(x, y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        results.append(measure("student", student_step, args, device))
+        del student, opt
+        free(device)
+
+    if rows & {"distill", "teacher"}:
+        teacher = build(teacher_cfg, device, teacher_dtype).eval().requires_grad_(False)
+        if "distill" in rows:
+            student = build(student_cfg, device).train()
+            opt = build_adamw(student.parameters(), lr=1e-4)
+
+            def distill_step() -> None:
+                x, y = batch()
+                with autocast:
+                    with torch.no_grad():
+                        teacher_logits = teacher(x)  # (B, T, V_padded)
+                    loss = distillation_loss(student(x), teacher_logits, y, **loss_kwargs)["loss"]
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            results.append(measure("distill", distill_step, args, device))
+            del student, opt
+            free(device)
+        if "teacher" in rows:
+
+            def teacher_forward() -> None:
+                with autocast, torch.no_grad():
+                    teacher(batch()[0])
+
+            results.append(measure("teacher fwd", teacher_forward, args, device))
+        del teacher
+        free(device)
+
+    if "loss" in rows:
+        # Logits in the dtype the models produce them in (bf16 under autocast), teacher's fixed.
+        logit_dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+        n, v = args.batch * args.seq_len, student_cfg.padded_vocab_size
+        student_logits = torch.randn(n, v, device=device, dtype=logit_dtype, generator=g).requires_grad_(True)
+        teacher_logits = torch.randn(n, teacher_cfg.padded_vocab_size, device=device, dtype=logit_dtype, generator=g)
+        labels = torch.randint(0, vocab, (n,), device=device, generator=g)
+
+        def loss_step() -> None:
+            distillation_loss(student_logits, teacher_logits, labels, **loss_kwargs)["loss"].backward()
+            student_logits.grad = None
+
+        results.append(measure("loss only", loss_step, args, device))
+        del student_logits, teacher_logits
+        free(device)
+
+    tokens = args.batch * args.seq_len
+    base = next((r["ms"] for r in results if r["row"] == "student" and r["ms"]), None)
+    for r in results:
+        r["tokens_per_s"] = tokens / (r["ms"] / 1e3) if r["ms"] else None
+        r["vs_student"] = r["ms"] / base if r["ms"] and base else None
+    print_table(args, device, student_cfg, teacher_cfg, results)
+    return results
+
+
+def print_table(
+    args: argparse.Namespace, device: torch.device, student: GPTConfig, teacher: GPTConfig, results: list[dict]
+) -> None:
+    with torch.device("meta"):
+        n_student, n_teacher = GPT(student).num_params(False), GPT(teacher).num_params(False)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(
+        f"device {name} | dtype {args.dtype} (teacher weights {args.teacher_weights}) | batch {args.batch} x "
+        f"seq {args.seq_len} = {args.batch * args.seq_len} tokens | vocab {student.vocab_size} | "
+        f"loss chunk {args.chunk_size or 'all'} | median of {args.steps} steps after {args.warmup}"
+    )
+    print(
+        f"teacher {args.teacher}: {teacher.num_layers} layers, d_model {teacher.d_model}, {n_teacher / 1e6:.1f}M "
+        f"params | student {args.student}: {student.num_layers} layers, d_model {student.d_model}, "
+        f"{n_student / 1e6:.1f}M params"
+    )
+    header = f"{'step':<12} {'ms/step':>10} {'tokens/s':>12} {'peak GiB':>9} {'x student':>9}"
+    print(header)
+    print("-" * len(header))
+
+    def fmt(value: float | None, spec: str) -> str:
+        return format(value, spec) if value is not None else "-"
+
+    for r in results:
+        print(
+            f"{r['row']:<12} {fmt(r['ms'], '10.2f')} {fmt(r['tokens_per_s'], '12,.0f')} "
+            f"{fmt(r['peak_gib'], '9.2f')} {fmt(r['vs_student'], '9.2f')} {r['note']}".rstrip()
+        )
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

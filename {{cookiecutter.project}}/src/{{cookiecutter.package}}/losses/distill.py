@@ -1,0 +1,179 @@
+"""Knowledge-distillation loss (Hinton et al. 2015) for language models, computed in chunks of tokens.
+
+    L = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(student, labels)
+
+`teacher_T = softmax(teacher / T)`, `student_T = softmax(student / T)`. The T^2 factor keeps the
+gradient of the KL term on the same scale as the CE term when T changes (the soft-target gradient
+shrinks as 1/T^2). `kind="reverse"` swaps the KL's arguments, KL(student_T || teacher_T): mode
+seeking instead of mass covering, the other choice LLM-distillation papers compare.
+
+Memory. Logits are (tokens, vocab), and with a 50K vocabulary one float32 copy of them is as large
+as a small model. Autograd would keep several such copies alive until backward (softmaxes, logs,
+differences). Here the loss is a custom autograd Function: the forward pass keeps nothing but the
+input logits (no copy), and both passes walk over `chunk_size` tokens at a time, recomputing the
+softmaxes of one chunk in float32. Working memory is therefore bounded by the chunk, whatever the
+number of tokens: at most three float32 [chunk_size, vocab] blocks are alive at once (two
+log-distributions and one temporary), plus the gradient of the student logits, which backward
+produces for any loss. The gradient is written chunk by chunk into one preallocated tensor.
+"""
+
+import torch
+from torch import Tensor
+
+KINDS = ("forward", "reverse")
+
+
+def _log_softmax_t(logits: Tensor, temperature: float, dtype: torch.dtype) -> Tensor:
+    """(c, V) logits in any dtype -> (c, V) log-probabilities at temperature T, in `dtype` (one new block)."""
+    x = logits.to(dtype, copy=True)
+    if temperature != 1.0:
+        x.div_(temperature)
+    return x.sub_(torch.logsumexp(x, dim=-1, keepdim=True))
+
+
+def _ce_rows(student: Tensor, labels: Tensor, dtype: torch.dtype) -> Tensor:
+    """Per-token cross-entropy over all student columns, as GPT.loss computes it. (c, Vs), (c,) -> (c,)."""
+    x = student.to(dtype)
+    return torch.logsumexp(x, dim=-1) - x.gather(1, labels[:, None]).squeeze(1)
+
+
+def _kl_rows(student: Tensor, teacher: Tensor, temperature: float, reverse: bool, dtype: torch.dtype) -> Tensor:
+    """Per-token KL at temperature T over the first V columns. (c, V), (c, V) -> (c,)."""
+    # Three blocks at most: two log-distributions, then the weights and the difference in place.
+    log_q = _log_softmax_t(student, temperature, dtype)  # student, log q
+    log_p = _log_softmax_t(teacher, temperature, dtype)  # teacher, log p
+    if reverse:  # sum_v q (log q - log p)
+        weight, diff = log_q.exp(), log_q.sub_(log_p)
+    else:  # sum_v p (log p - log q)
+        weight, diff = log_p.exp(), log_p.sub_(log_q)
+    del log_q, log_p  # `diff` holds one of the two blocks; the other is freed here
+    return weight.mul_(diff).sum(-1)
+
+
+def _kl_grad(student: Tensor, teacher: Tensor, temperature: float, reverse: bool, dtype: torch.dtype) -> Tensor:
+    """d KL_row / d student logits (the 1/T of s/T included), for the first V columns: (c, V).
+
+    forward KL(p || q): (q - p) / T.   reverse KL(q || p): q * (log q - log p - KL_row) / T.
+    """
+    log_q = _log_softmax_t(student, temperature, dtype)
+    log_p = _log_softmax_t(teacher, temperature, dtype)
+    if reverse:
+        q = log_q.exp()
+        diff = log_q.sub_(log_p)  # log q - log p, in log_q's block
+        del log_p
+        kl = (q * diff).sum(-1, keepdim=True)  # (c, 1)
+        grad = diff.sub_(kl).mul_(q)
+    else:
+        grad = log_q.exp_().sub_(log_p.exp_())  # q - p, in log_q's block
+    return grad.div_(temperature)
+
+
+class _ChunkedDistillation(torch.autograd.Function):
+    """(student (N, Vs), teacher (N, Vt), labels (N,)) -> (mean KL, mean CE) over the tokens whose
+    label is not ignore_index. Gradients flow to the student logits only."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        student: Tensor,
+        teacher: Tensor,
+        labels: Tensor,
+        temperature: float,
+        reverse: bool,
+        ignore_index: int,
+        vocab_size: int,
+        chunk_size: int,
+    ) -> tuple[Tensor, Tensor]:
+        # float64 inputs stay float64 (gradcheck, the reference tests); everything else computes in float32.
+        dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+        valid = labels != ignore_index  # (N,)
+        n = valid.sum().clamp(min=1).to(dtype)  # no valid token: both terms are 0, not NaN
+        safe = torch.where(valid, labels, 0)  # ignore_index may be negative: gather needs a real column
+        kl_sum = torch.zeros((), dtype=dtype, device=student.device)
+        ce_sum = torch.zeros((), dtype=dtype, device=student.device)
+        for i in range(0, student.shape[0], chunk_size):
+            s, t, m = student[i : i + chunk_size], teacher[i : i + chunk_size], valid[i : i + chunk_size]
+            kl = _kl_rows(s[:, :vocab_size], t[:, :vocab_size], temperature, reverse, dtype)
+            ce = _ce_rows(s, safe[i : i + chunk_size], dtype)
+            # where, not multiply: a padded row may hold anything, and 0 * inf would be NaN.
+            kl_sum += torch.where(m, kl, 0.0).sum()
+            ce_sum += torch.where(m, ce, 0.0).sum()
+        ctx.save_for_backward(student, teacher, safe, valid, n)
+        ctx.options = (temperature, reverse, vocab_size, chunk_size, dtype)
+        return kl_sum / n, ce_sum / n
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_kl: Tensor, grad_ce: Tensor) -> tuple[Tensor | None, ...]:
+        student, teacher, safe, valid, n = ctx.saved_tensors
+        temperature, reverse, vocab_size, chunk_size, dtype = ctx.options
+        grad = torch.empty_like(student)  # (N, Vs), the logits' dtype
+        for i in range(0, student.shape[0], chunk_size):
+            s, t = student[i : i + chunk_size], teacher[i : i + chunk_size]
+            # Each valid token's share of the means: d(mean)/d(row) = 1/n; padded rows get 0.
+            w = valid[i : i + chunk_size, None].to(dtype) / n  # (c, 1)
+            g_kl = _kl_grad(s[:, :vocab_size], t[:, :vocab_size], temperature, reverse, dtype).mul_(w * grad_kl)
+            # d CE_row / d logits = softmax(logits) - onehot(label), over all student columns.
+            g = torch.softmax(s.to(dtype), dim=-1)
+            g.scatter_add_(1, safe[i : i + chunk_size, None], torch.full_like(w, -1.0))
+            g.mul_(w * grad_ce)
+            g[:, :vocab_size] += g_kl
+            del g_kl
+            grad[i : i + chunk_size] = g
+        return grad, None, None, None, None, None, None, None
+
+
+def distillation_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor,
+    *,
+    alpha: float = 0.7,
+    temperature: float = 1.0,
+    kind: str = "forward",
+    ignore_index: int = -100,
+    vocab_size: int | None = None,
+    chunk_size: int | None = 1024,
+) -> dict[str, Tensor]:
+    """alpha * T^2 * KL + (1 - alpha) * CE, averaged over the tokens whose label is not ignore_index.
+
+    student_logits: (..., Vs), the student's raw logits (any float dtype; bf16 is fine).
+    teacher_logits: (..., Vt), a fixed target: no gradient flows into it.
+    labels: (...), next-token ids; positions equal to ignore_index (padding) count in neither term.
+    vocab_size: the KL compares the first `vocab_size` columns (GPT pads its head to a multiple of
+        64; padding ids never occur, so their columns carry no knowledge). None: all columns, and
+        then Vs must equal Vt. The CE term uses all student columns, exactly as GPT.loss does, so
+        `ce` is the number a student trained without a teacher reports as its loss.
+    chunk_size: tokens per chunk (see the module docstring); None: one chunk of every token.
+
+    Returns {"loss", "kl", "ce"}: the total, the mean KL at temperature T (nats per token, before
+    the alpha * T^2 weight) and the mean CE (nats per token).
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+    if student_logits.shape[:-1] != teacher_logits.shape[:-1] or student_logits.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)}, teacher logits {tuple(teacher_logits.shape)} and "
+            f"labels {tuple(labels.shape)} must agree on every dimension but the last (vocabulary)"
+        )
+    vs, vt = student_logits.shape[-1], teacher_logits.shape[-1]
+    if vocab_size is None:
+        if vs != vt:
+            raise ValueError(f"student has {vs} logits per token and teacher {vt}: pass vocab_size to compare a prefix")
+        vocab_size = vs
+    elif not 0 < vocab_size <= min(vs, vt):
+        raise ValueError(f"vocab_size={vocab_size} must be in [1, {min(vs, vt)}] (student {vs}, teacher {vt} logits)")
+
+    student = student_logits.reshape(-1, vs)  # (N, Vs): a view when contiguous, as model outputs are
+    teacher = teacher_logits.detach().reshape(-1, vt)  # (N, Vt)
+    chunk = chunk_size or max(1, student.shape[0])
+    kl, ce = _ChunkedDistillation.apply(
+        student, teacher, labels.reshape(-1), float(temperature), kind == "reverse", ignore_index, vocab_size, chunk
+    )
+    return {"loss": alpha * temperature**2 * kl + (1.0 - alpha) * ce, "kl": kl, "ce": ce}

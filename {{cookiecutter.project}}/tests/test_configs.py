@@ -9,7 +9,20 @@ from hydra.utils import instantiate
 
 from {{cookiecutter.package}}.training import build_callbacks, build_loggers, build_trainer
 
-from .conftest import CONFIGS
+from .conftest import CONFIGS{% if cookiecutter.clip %}, CLIP_TINY{% endif %}{% if cookiecutter.gpt %}, TINY{% endif %}
+
+# Each model option: its network-preset group and the overrides that give it data to train on.
+MODELS = {
+{%- if cookiecutter.gpt %}
+    "gpt": ("model/net", TINY),
+{%- endif %}
+{%- if cookiecutter.distill %}
+    "distill": ("model/net", TINY),
+{%- endif %}
+{%- if cookiecutter.clip %}
+    "clip": ("model/clip_net", CLIP_TINY),
+{%- endif %}
+}
 
 
 def options(group: str) -> list[str]:
@@ -27,34 +40,65 @@ def test_trainer_presets_compose_and_instantiate(compose_cfg, option):
     assert isinstance(build_trainer(cfg), L.Trainer)
 
 
-@pytest.mark.parametrize(
-    "group", ["model", "data", "callbacks", "logger", "debug", "experiment", "hparams_search", "launcher"]
-)
+@pytest.mark.parametrize("option", options("model"))
+def test_every_model_and_network_preset_instantiates(compose_cfg, option):
+    assert option in MODELS, f"configs/model/{option}.yaml has no entry in MODELS"
+    net_group, data = MODELS[option]
+    for net in options(net_group):
+        cfg = compose_cfg(overrides=[*data, f"model={option}", f"{net_group}={net}"], tiny=False)
+        assert isinstance(instantiate(cfg.model, _convert_="all"), L.LightningModule)
+{%- if cookiecutter.clip %}
+
+
+def data_overrides(option: str, image_pairs: Path) -> list[str]:
+    """Options that need paths get the test data; the others bring their own (Shakespeare, shapes)."""
+    if option == "image_text":
+        return [*CLIP_TINY, "data=image_text", f"data.train=[{image_pairs / 'pairs.jsonl'}]"]
+    return [f"data={option}"]
+{%- endif %}
+
+
+@pytest.mark.parametrize("option", options("data"))
+def test_every_data_option_instantiates(compose_cfg, option{% if cookiecutter.clip %}, image_pairs{% endif %}):
+{%- if cookiecutter.gpt %}
+    if option == "text":
+        cfg = compose_cfg(overrides=["data=text"], tiny=True)
+{%- if cookiecutter.clip %}
+    else:
+        cfg = compose_cfg(overrides=data_overrides(option, image_pairs), tiny=False)
+{%- else %}
+    else:
+        cfg = compose_cfg(overrides=[f"data={option}"], tiny=False)
+{%- endif %}
+{%- else %}
+    cfg = compose_cfg(overrides=data_overrides(option, image_pairs), tiny=False)
+{%- endif %}
+    assert isinstance(instantiate(cfg.data, _convert_="all"), L.LightningDataModule)
+
+
+@pytest.mark.parametrize("group", ["callbacks", "logger", "debug", "experiment", "hparams_search", "launcher"])
 def test_every_option_composes_and_instantiates(compose_cfg, group):
     for option in options(group):
-        # Options that pick their own data (the Shakespeare corpus) are composed without the test corpus.
-        own_data = (group == "data" and option != "text") or group == "experiment"
-        cfg = compose_cfg(overrides=[f"{group}={option}"], tiny=not own_data)
-        if group == "model":
-            for net in options("model/net"):
-                model = instantiate(
-                    compose_cfg(overrides=[f"model={option}", f"model/net={net}"]).model, _convert_="all"
-                )
-                assert isinstance(model, L.LightningModule)
-        elif group == "data":
-            assert isinstance(instantiate(cfg.data, _convert_="all"), L.LightningDataModule)
-        else:
-            build_callbacks(cfg)
-            build_loggers(cfg)
-            instantiate(cfg.data, _convert_="all")
-            instantiate(cfg.model, _convert_="all")
+        # Experiments pick their own data and model.
+        cfg = compose_cfg(overrides=[f"{group}={option}"], tiny=group != "experiment")
+        build_callbacks(cfg)
+        build_loggers(cfg)
+        instantiate(cfg.data, _convert_="all")
+        instantiate(cfg.model, _convert_="all")
 
 
-@pytest.mark.parametrize("config_name", ["train", "eval", "generate"])
+@pytest.mark.parametrize("config_name", ["train", "eval"{% if cookiecutter.gpt %}, "generate"{% endif %}])
 def test_entry_configs_compose(compose_cfg, config_name):
     overrides = ["ckpt_path=some.ckpt"] if config_name != "train" else []
     cfg = compose_cfg(config_name, overrides, tiny=config_name != "generate")
     assert cfg.task_name == config_name
+
+
+def test_default_config_is_the_demo_and_composes_without_overrides(compose_cfg):
+    cfg = compose_cfg(tiny=False)
+    assert cfg.model._target_.endswith({% if cookiecutter.gpt %}"GPTModule"{% else %}"CLIPModule"{% endif %})
+    instantiate(cfg.data, _convert_="all")
+    instantiate(cfg.model, _convert_="all")
 
 
 def test_experiment_files_are_global_packages():

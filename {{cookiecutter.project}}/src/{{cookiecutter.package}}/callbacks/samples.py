@@ -5,6 +5,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from ..generation import complete
+from ..models.gpt import GPT
 
 
 class TextSamples(L.Callback):
@@ -26,8 +27,8 @@ class TextSamples(L.Callback):
         self.max_new_tokens, self.temperature, self.top_k, self.seed = max_new_tokens, temperature, top_k, seed
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
+        if trainer.sanity_checking or not isinstance(getattr(pl_module, "net", None), GPT):
+            return  # only modules whose network is a GPT generate text (not CLIP)
         tokenizer = trainer.datamodule.tokenizer
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         texts = []

@@ -98,7 +98,9 @@ def test_retrieval_recall_matches_torchmetrics():
     indexes = torch.arange(40)[:, None].expand(40, 40)
     for k in (1, 5, 10):
         for name, sim in (("i2t", similarity), ("t2i", similarity.T)):
-            reference = RetrievalRecall(top_k=k)(sim.flatten(), torch.eye(40, dtype=torch.bool).flatten(), indexes.flatten())
+            reference = RetrievalRecall(top_k=k)(
+                sim.flatten(), torch.eye(40, dtype=torch.bool).flatten(), indexes.flatten()
+            )
             assert ours[f"{name}_R@{k}"] == pytest.approx(reference.item()), (name, k)
 
 

@@ -87,7 +87,9 @@ def _global_batch() -> dict[str, torch.Tensor]:
 
 
 def _loss_and_grads(name: str, image, text, scale, bias) -> dict[str, torch.Tensor]:
-    leaves = {k: v.clone().requires_grad_(True) for k, v in dict(image=image, text=text, scale=scale, bias=bias).items()}
+    leaves = {
+        k: v.clone().requires_grad_(True) for k, v in dict(image=image, text=text, scale=scale, bias=bias).items()
+    }
     loss_fn = build_contrastive_loss(name)
     loss = loss_fn(leaves["image"], leaves["text"], leaves["scale"], leaves["bias"] if name == "sigmoid" else None)
     loss["loss"].backward()

@@ -30,6 +30,7 @@ MODULE_FILES = {
         "tests/test_gpt_model.py",
         "tests/test_text_data.py",
         "tests/test_gpt_training.py",
+        "docs/gpt.md",
     ],
     "distill": [
         f"{PKG}/losses/distill.py",

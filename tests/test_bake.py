@@ -48,7 +48,27 @@ MODULE_OWNED = {
         "tests/test_distill.py",
         "docs/distill.md",
     ],
-    "clip": [],
+    "clip": [
+        "{pkg}/models/clip.py",
+        "{pkg}/losses/contrastive.py",
+        "{pkg}/modules/clip.py",
+        "{pkg}/data/image_text.py",
+        "{pkg}/data/shapes.py",
+        "{pkg}/callbacks/similarity.py",
+        "{pkg}/pipeline.py",
+        "configs/model/clip.yaml",
+        "configs/model/clip_net/shapes.yaml",
+        "configs/model/clip_net/tiny.yaml",
+        "configs/model/clip_net/vit-b-16.yaml",
+        "configs/data/image_text.yaml",
+        "configs/data/shapes.yaml",
+        "configs/experiment/clip_shapes.yaml",
+        "benchmarks/clip_step.py",
+        "tests/test_clip_model.py",
+        "tests/test_contrastive.py",
+        "tests/test_image_text_data.py",
+        "tests/test_clip_training.py",
+    ],
 }
 DEFAULT_FILES = (Path(__file__).parent / "baked_files.txt").read_text().split()
 

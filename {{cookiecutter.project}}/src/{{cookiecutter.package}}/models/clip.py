@@ -210,6 +210,16 @@ class CLIP(nn.Module):
             nn.Parameter(torch.tensor(float(config.logit_bias_init))) if config.logit_bias_init is not None else None
         )
 
+    @property
+    def shard_units(self) -> tuple[type[nn.Module], ...]:
+        """What FSDP shards and compilation compiles one by one (parallel.py): the text tower's
+        blocks, and the image tower's repeated blocks where timm keeps them in `blocks` (ViTs)."""
+        units: set[type[nn.Module]] = {Block}
+        blocks = getattr(self.image_tower, "blocks", None)
+        if isinstance(blocks, nn.Sequential | nn.ModuleList):
+            units |= {type(b) for b in blocks}
+        return tuple(units)
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

@@ -110,16 +110,18 @@ class _ChunkedDistillation(torch.autograd.Function):
         grad = torch.empty_like(student)  # (N, Vs), the logits' dtype
         for i in range(0, student.shape[0], chunk_size):
             s, t = student[i : i + chunk_size], teacher[i : i + chunk_size]
-            # Each valid token's share of the means: d(mean)/d(row) = 1/n; padded rows get 0.
-            w = valid[i : i + chunk_size, None].to(dtype) / n  # (c, 1)
-            g_kl = _kl_grad(s[:, :vocab_size], t[:, :vocab_size], temperature, reverse, dtype).mul_(w * grad_kl)
+            padded = ~valid[i : i + chunk_size, None]  # (c, 1)
+            # Each valid token's share of the means: d(mean)/d(row) = 1/n. Padded rows get 0 by masking,
+            # not by a 0 weight: their logits may hold anything, and 0 * inf would be NaN.
+            w = (grad_kl / n).to(dtype)
+            g_kl = _kl_grad(s[:, :vocab_size], t[:, :vocab_size], temperature, reverse, dtype).mul_(w)
             # d CE_row / d logits = softmax(logits) - onehot(label), over all student columns.
             g = torch.softmax(s.to(dtype), dim=-1)
-            g.scatter_add_(1, safe[i : i + chunk_size, None], torch.full_like(w, -1.0))
-            g.mul_(w * grad_ce)
+            g.scatter_add_(1, safe[i : i + chunk_size, None], torch.full_like(g[:, :1], -1.0))
+            g.mul_((grad_ce / n).to(dtype))
             g[:, :vocab_size] += g_kl
             del g_kl
-            grad[i : i + chunk_size] = g
+            grad[i : i + chunk_size] = g.masked_fill_(padded, 0.0)
         return grad, None, None, None, None, None, None, None
 
 

@@ -51,7 +51,11 @@ def test_config_rejects_bad_values_naming_the_field(tmp_path):
     ],
 )
 def test_forward_gives_unit_features_and_the_initial_scale(image_model, image_kwargs):
-    overrides = dict(image_model=image_model) if image_kwargs is None else dict(image_model=image_model, image_kwargs=image_kwargs)
+    overrides = (
+        dict(image_model=image_model)
+        if image_kwargs is None
+        else dict(image_model=image_model, image_kwargs=image_kwargs)
+    )
     model = tiny(**overrides)
     out = model(torch.randn(3, 3, 32, 32), captions(3))
     assert out.image_features.shape == out.text_features.shape == (3, 32)

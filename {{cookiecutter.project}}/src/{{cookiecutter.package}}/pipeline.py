@@ -52,7 +52,9 @@ class MultiModalPipeline:
         hparams = ckpt.get("hyper_parameters", {})
         data = next((v for v in ckpt.values() if isinstance(v, dict) and "tokenizer" in v and "image_model" in v), None)
         if "net" not in hparams or data is None or not data.get("tokenizer"):
-            raise ConfigError(f"{path} is not a CLIP checkpoint with its data settings (train.py model=clip writes one)")
+            raise ConfigError(
+                f"{path} is not a CLIP checkpoint with its data settings (train.py model=clip writes one)"
+            )
         # The image tower's initial weights are in the state dict: do not look for the original file.
         config = CLIPConfig.from_dict({**hparams["net"], "image_checkpoint": None})
         net = CLIP(config)
@@ -111,6 +113,4 @@ class MultiModalPipeline:
         similarity = self(list(template.format(label) for label in labels), images)  # (N, C)
         scale = self.net.logit_scale.clamp(max=self.net.config.logit_scale_max).exp().float().cpu()
         probabilities = (scale * similarity).softmax(dim=1)
-        return [
-            dict(sorted(zip(labels, row.tolist()), key=lambda kv: kv[1], reverse=True)) for row in probabilities
-        ]
+        return [dict(sorted(zip(labels, row.tolist()), key=lambda kv: kv[1], reverse=True)) for row in probabilities]

@@ -78,8 +78,10 @@ def read_coco(path: Path, image_root: Path) -> list[Record]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise DataFormatError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(
-        data.get("annotations"), list
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("images"), list)
+        or not isinstance(data.get("annotations"), list)
     ):
         raise DataFormatError(f"{path}: expected a COCO captions object with 'images' and 'annotations' lists")
     files: dict[Any, Any] = {}
@@ -131,9 +133,7 @@ def read_folder(path: Path, template: str, classes: list[str]) -> list[Record]:
         for image in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
             records.append(Record(image, caption, classes.index(name)))
     if not records:
-        raise DataPathError(
-            f"image folder {path} holds no class subfolders with images ({', '.join(IMAGE_SUFFIXES)})"
-        )
+        raise DataPathError(f"image folder {path} holds no class subfolders with images ({', '.join(IMAGE_SUFFIXES)})")
     return records
 
 
@@ -190,7 +190,9 @@ def load_rgb(image: Any, name: str = "image") -> Image.Image:
         if array.ndim == 3 and array.shape[2] == 1:
             array = array[:, :, 0]
         if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
-            raise DataFormatError(f"{name}: expected an array of shape (H, W), (H, W, 3) or (H, W, 4), got {array.shape}")
+            raise DataFormatError(
+                f"{name}: expected an array of shape (H, W), (H, W, 3) or (H, W, 4), got {array.shape}"
+            )
         if array.dtype != np.uint8:
             if not np.issubdtype(array.dtype, np.floating):
                 raise DataFormatError(f"{name}: expected a uint8 or float array, got {array.dtype}")
@@ -219,8 +221,9 @@ def image_transform(
     color_jitter, auto_augment, ...); `augment=None` uses the eval transform in training too.
     Eval: resize to S / crop_pct, centre crop S (crop_pct=1: the whole image)."""
     cfg = model_data_config(image_model)
-    common = dict(input_size=(3, image_size, image_size), interpolation=cfg["interpolation"],
-                  mean=cfg["mean"], std=cfg["std"])  # fmt: skip
+    common = dict(
+        input_size=(3, image_size, image_size), interpolation=cfg["interpolation"], mean=cfg["mean"], std=cfg["std"]
+    )
     if train and augment is not None:
         return create_transform(is_training=True, **common, **augment)
     return create_transform(
@@ -234,7 +237,8 @@ def tokenize_captions(tokenizer: Tokenizer, captions: list[str], context_length:
     eot = eot_id(tokenizer)
     out = torch.full((len(captions), context_length), eot, dtype=torch.int64)
     for i, encoding in enumerate(tokenizer.encode_batch(captions)):
-        ids = [t for t in encoding.ids[: context_length - 1] if t != eot]  # a literal EOT in the text would end it early
+        # Cut to leave room for the EOT; a literal EOT inside the text would end the caption early.
+        ids = [t for t in encoding.ids[: context_length - 1] if t != eot]
         out[i, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
     return out
 
@@ -324,7 +328,9 @@ class ImageTextDataModule(L.LightningDataModule):
         if not self.val_sources and not 0.0 < val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in (0, 1) when data.val is not set, got {val_fraction}")
         if "{}" not in caption_template:
-            raise ConfigError(f"data.caption_template={caption_template!r} needs a " + "'{}' placeholder for the class name")
+            raise ConfigError(
+                f"data.caption_template={caption_template!r} needs a " + "'{}' placeholder for the class name"
+            )
         if image_size <= 0 or context_length < 2:
             raise ConfigError(
                 f"data.image_size must be positive and data.context_length at least 2, got {image_size}, "
@@ -340,6 +346,7 @@ class ImageTextDataModule(L.LightningDataModule):
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.num_workers, self.seed = num_workers, seed
         self.tokenizer: Tokenizer | None = None
+        self.shuffle_train = True
         self.classes: list[str] = []
         self._records: dict[str, list[Record]] = {}
 
@@ -431,7 +438,7 @@ class ImageTextDataModule(L.LightningDataModule):
                 "lower data.batch_size or add data"
             )
         # drop_last: the contrastive loss gathers equal-sized batches from every rank.
-        return self._loader(dataset, self.batch_size, shuffle=True, drop_last=True)
+        return self._loader(dataset, self.batch_size, shuffle=self.shuffle_train, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
         # Fixed order: the first batch is the same every validation (the similarity-matrix figure).

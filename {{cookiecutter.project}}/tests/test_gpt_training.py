@@ -48,12 +48,24 @@ def test_train_logs_checkpoints_and_loads_in_a_fresh_process(compose_cfg, tmp_pa
         assert "state_dict" in proc.stdout and "TextDataModule" in proc.stdout
 
     # eval.py and generate.py, as a user runs them, on that checkpoint.
-    data = [f"data.paths=[{cfg.data.paths[0]}]", "data.tokenizer.vocab_size=512", "data.block_size=32",
-            "data.val_windows=8", f"paths.data_dir={cfg.paths.data_dir}", "trainer=cpu"]
+    data = [
+        f"data.paths=[{cfg.data.paths[0]}]",
+        "data.tokenizer.vocab_size=512",
+        "data.block_size=32",
+        "data.val_windows=8",
+        f"paths.data_dir={cfg.paths.data_dir}",
+        "trainer=cpu",
+    ]
     proc = run_script("eval.py", f"ckpt_path={last}", "data=text", *data, f"hydra.run.dir={tmp_path / 'eval'}")
     assert f"{metrics['val/loss']:.4f}"[:-1] in proc.stderr + proc.stdout  # same data, same weights
-    proc = run_script("generate.py", f"ckpt_path={last}", "prompt=ROMEO:", "max_new_tokens=20", "num_samples=2",
-                      f"hydra.run.dir={tmp_path / 'gen'}")
+    proc = run_script(
+        "generate.py",
+        f"ckpt_path={last}",
+        "prompt=ROMEO:",
+        "max_new_tokens=20",
+        "num_samples=2",
+        f"hydra.run.dir={tmp_path / 'gen'}",
+    )
     assert proc.stdout.count("ROMEO:") == 2 and "sample 2" in proc.stdout
 
 
@@ -67,8 +79,13 @@ def test_resume_continues_steps_schedule_and_data_order(compose_cfg, tmp_path):
     first = compose_cfg(overrides=["trainer.max_steps=6", "trainer.val_check_interval=3", *stop])
     first.paths.output_dir = str(tmp_path / "first")
     train(first)
-    second = compose_cfg(overrides=["trainer.max_steps=6", "trainer.val_check_interval=3",
-                                    f"ckpt_path={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}"])
+    second = compose_cfg(
+        overrides=[
+            "trainer.max_steps=6",
+            "trainer.val_check_interval=3",
+            f"ckpt_path={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}",
+        ]
+    )
     second.paths.output_dir = str(tmp_path / "second")
     train(second)
     resumed = torch.load(tmp_path / "second" / "checkpoints" / "last.ckpt", weights_only=True)
@@ -99,8 +116,15 @@ def test_user_errors_are_one_clear_line(tmp_path, corpus, overrides, expected):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "a"}\n{"text": "b"}\n{"text": oops}\n')
     overrides = [o.replace("BAD", str(bad)).replace("CORPUS", str(corpus)) for o in overrides]
-    proc = run_script("train.py", "data=text", "trainer=cpu", f"paths.data_dir={tmp_path}",
-                      f"hydra.run.dir={tmp_path / 'run'}", *overrides, check=False)
+    proc = run_script(
+        "train.py",
+        "data=text",
+        "trainer=cpu",
+        f"paths.data_dir={tmp_path}",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        *overrides,
+        check=False,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert expected in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -97,8 +97,13 @@ def test_epoch_sampler_splits_ranks_and_skips_resumed_batches():
 
 
 def test_datamodule_caches_tokens_once_and_atomically(tmp_path, corpus):
-    dm = TextDataModule(paths=[str(corpus)], block_size=32, batch_size=4, tokenizer={"vocab_size": 512},
-                        cache_dir=str(tmp_path / "cache"))
+    dm = TextDataModule(
+        paths=[str(corpus)],
+        block_size=32,
+        batch_size=4,
+        tokenizer={"vocab_size": 512},
+        cache_dir=str(tmp_path / "cache"),
+    )
     dm.prepare_data()
     cache = dm.cache_path
     meta = json.loads((cache / "meta.json").read_text())
@@ -106,8 +111,13 @@ def test_datamodule_caches_tokens_once_and_atomically(tmp_path, corpus):
     assert (cache / "tokens.bin").stat().st_size == 2 * meta["n_tokens"]
     assert [p.name for p in cache.parent.iterdir()] == [cache.name]  # no temporary folders left
     mtime = (cache / "tokens.bin").stat().st_mtime_ns
-    dm2 = TextDataModule(paths=[str(corpus)], block_size=32, batch_size=4, tokenizer={"vocab_size": 512},
-                         cache_dir=str(tmp_path / "cache"))
+    dm2 = TextDataModule(
+        paths=[str(corpus)],
+        block_size=32,
+        batch_size=4,
+        tokenizer={"vocab_size": 512},
+        cache_dir=str(tmp_path / "cache"),
+    )
     dm2.prepare_data()
     dm2.setup()
     assert (cache / "tokens.bin").stat().st_mtime_ns == mtime  # reused, not rebuilt
@@ -128,7 +138,10 @@ def test_a_failed_build_leaves_no_cache(tmp_path):
 def test_existing_tokenizer_larger_than_configured_vocab_is_rejected(tmp_path, corpus):
     tok = train_tokenizer([p.read_text() for p in corpus.iterdir()], vocab_size=600)
     tok.save(str(tmp_path / "tok.json"))
-    dm = TextDataModule(paths=[str(corpus)], tokenizer={"vocab_size": 300, "path": str(tmp_path / "tok.json")},
-                        cache_dir=str(tmp_path / "cache"))
+    dm = TextDataModule(
+        paths=[str(corpus)],
+        tokenizer={"vocab_size": 300, "path": str(tmp_path / "tok.json")},
+        cache_dir=str(tmp_path / "cache"),
+    )
     with pytest.raises(ConfigError, match="set data.tokenizer.vocab_size=600"):
         dm.prepare_data()

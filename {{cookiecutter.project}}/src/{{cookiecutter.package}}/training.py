@@ -23,8 +23,9 @@ def build_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:
     strategy = trainer_cfg.get("strategy")
     if isinstance(strategy, dict):  # a strategy object with settings (FSDP, DeepSpeed)
         trainer_cfg["strategy"] = instantiate(strategy, _convert_="all")
-    return instantiate(trainer_cfg, callbacks=build_callbacks(cfg), logger=build_loggers(cfg) or False,
-                       _convert_="all", **overrides)
+    return instantiate(
+        trainer_cfg, callbacks=build_callbacks(cfg), logger=build_loggers(cfg) or False, _convert_="all", **overrides
+    )
 
 
 def metrics_of(trainer: L.Trainer) -> dict[str, float]:
@@ -38,8 +39,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule = instantiate(cfg.data, _convert_="all")
     model = instantiate(cfg.model, _convert_="all")
     trainer = build_trainer(cfg)
-    resolved = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
-                for k, v in cfg.items() if k != "hydra"}
+    resolved = {
+        k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+        for k, v in cfg.items()
+        if k != "hydra"
+    }
     for logger in trainer.loggers:
         logger.log_hyperparams(resolved)  # the whole resolved config, as TensorBoard's HPARAMS
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))

@@ -15,8 +15,14 @@ class TextSamples(L.Callback):
     modules). The seed is fixed, so successive samples show what training changed, not sampling noise.
     """
 
-    def __init__(self, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.8,
-                 top_k: int | None = 50, seed: int = 0) -> None:
+    def __init__(
+        self,
+        prompts: list[str],
+        max_new_tokens: int = 64,
+        temperature: float = 0.8,
+        top_k: int | None = 50,
+        seed: int = 0,
+    ) -> None:
         self.prompts = list(prompts)
         self.max_new_tokens, self.temperature, self.top_k, self.seed = max_new_tokens, temperature, top_k, seed
 
@@ -29,8 +35,15 @@ class TextSamples(L.Callback):
         was_training = pl_module.net.training
         pl_module.net.eval()
         for prompt in self.prompts:
-            completion = complete(pl_module.net, tokenizer, prompt, self.max_new_tokens,
-                                  temperature=self.temperature, top_k=self.top_k, generator=generator)
+            completion = complete(
+                pl_module.net,
+                tokenizer,
+                prompt,
+                self.max_new_tokens,
+                temperature=self.temperature,
+                top_k=self.top_k,
+                generator=generator,
+            )
             texts.append(f"**{prompt}**{completion}")
         pl_module.net.train(was_training)
         if trainer.is_global_zero:

@@ -49,9 +49,7 @@ def list_files(paths: list[str]) -> list[Path]:
         if path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES + JSONL_SUFFIXES)
             if not found:
-                raise DataPathError(
-                    f"data folder {raw!r} holds no {', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES)} files"
-                )
+                raise DataPathError(f"data folder {raw!r} holds no {', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES)} files")
             files.extend(found)
         elif path.suffix in TEXT_SUFFIXES + JSONL_SUFFIXES:
             files.append(path)
@@ -323,4 +321,3 @@ class TextDataModule(L.LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         # The tokenizer travels inside every checkpoint, so generate.py needs nothing but the file.
         return {"tokenizer": self.tokenizer.to_str() if self.tokenizer is not None else None}
-

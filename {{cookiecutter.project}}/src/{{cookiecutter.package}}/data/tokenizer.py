@@ -35,7 +35,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
 def load_tokenizer(path: str | Path) -> Tokenizer:
     path = Path(path)
     if not path.is_file():
-        raise DataPathError(f"tokenizer file (data.tokenizer.path) {path} does not exist (expected a tokenizers JSON file)")
+        raise DataPathError(
+            f"tokenizer file (data.tokenizer.path) {path} does not exist (expected a tokenizers JSON file)"
+        )
     tokenizer = Tokenizer.from_file(str(path))
     if tokenizer.token_to_id(EOT) is None:
         raise ConfigError(f"tokenizer {path} has no {EOT} token; add it as a special token")

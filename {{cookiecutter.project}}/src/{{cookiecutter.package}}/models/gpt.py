@@ -31,9 +31,7 @@ class GPTConfig:
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
         if self.d_model % self.num_heads:
-            raise ValueError(
-                f"GPTConfig.d_model={self.d_model} must be divisible by num_heads={self.num_heads}"
-            )
+            raise ValueError(f"GPTConfig.d_model={self.d_model} must be divisible by num_heads={self.num_heads}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
 
@@ -101,7 +99,7 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """idx: (B, T) token ids -> logits (B, T, padded_vocab_size)."""
         B, T = idx.shape
-        if T > self.config.max_length:
+        if self.config.max_length < T:
             raise ValueError(f"sequence length {T} exceeds max_length={self.config.max_length}")
         pos = torch.arange(T, device=idx.device)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
@@ -115,6 +113,4 @@ class GPT(nn.Module):
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """Mean next-token cross-entropy; targets are idx shifted by one, ignore_index masks padding."""
         logits = self(idx)
-        return F.cross_entropy(
-            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index
-        )
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)

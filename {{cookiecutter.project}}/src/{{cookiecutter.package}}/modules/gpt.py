@@ -22,8 +22,13 @@ class GPTModule(L.LightningModule):
 
     work_unit = "tokens"  # what the throughput callback counts
 
-    def __init__(self, net: dict[str, Any], optimizer: dict[str, Any] | None = None,
-                 scheduler: dict[str, Any] | None = None, compile: bool = False) -> None:
+    def __init__(
+        self,
+        net: dict[str, Any],
+        optimizer: dict[str, Any] | None = None,
+        scheduler: dict[str, Any] | None = None,
+        compile: bool = False,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.config = GPTConfig.from_dict(dict(net))

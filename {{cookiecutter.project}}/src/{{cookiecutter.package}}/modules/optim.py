@@ -7,9 +7,14 @@ from typing import Any
 import torch
 
 
-def build_adamw(params: Iterable[torch.nn.Parameter], lr: float, weight_decay: float = 0.1,
-                betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
-                fused: bool | None = None) -> torch.optim.AdamW:
+def build_adamw(
+    params: Iterable[torch.nn.Parameter],
+    lr: float,
+    weight_decay: float = 0.1,
+    betas: tuple[float, float] = (0.9, 0.95),
+    eps: float = 1e-8,
+    fused: bool | None = None,
+) -> torch.optim.AdamW:
     """Decay only tensors with >= 2 dims (matmul weights, embeddings); biases and norm gains keep
     their scale. `fused=None` picks the fused CUDA kernel when every parameter is on a GPU."""
     params = [p for p in params if p.requires_grad]
@@ -33,8 +38,9 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def configure_adamw_cosine(module: Any, params: Iterable[torch.nn.Parameter], optimizer: dict[str, Any],
-                           scheduler: dict[str, Any]) -> dict[str, Any]:
+def configure_adamw_cosine(
+    module: Any, params: Iterable[torch.nn.Parameter], optimizer: dict[str, Any], scheduler: dict[str, Any]
+) -> dict[str, Any]:
     """What a LightningModule's configure_optimizers returns, stepping the schedule every optimizer step."""
     opt = build_adamw(params, **optimizer)
     total = scheduler.get("total_steps") or module.trainer.estimated_stepping_batches

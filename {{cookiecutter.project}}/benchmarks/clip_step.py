@@ -157,10 +157,14 @@ def main() -> None:
     config = build_config(args)
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"device: {name} | precision: {args.precision} | loss: {args.loss} | compile: {args.compile} | "
-          f"torch {torch.__version__} | median of {args.steps} steps after {args.warmup} warmup")  # fmt: skip
-    header = (f"{'image model':<28} {'params(M)':>9} {'img':>4} {'batch':>6} {'ms/step':>9} {'samples/s':>10} "
-              f"{'TFLOP/s':>8} {'MFU':>6} {'peak mem(GiB)':>13}")  # fmt: skip
+    print(
+        f"device: {name} | precision: {args.precision} | loss: {args.loss} | compile: {args.compile} | "
+        f"torch {torch.__version__} | median of {args.steps} steps after {args.warmup} warmup"
+    )
+    header = (
+        f"{'image model':<28} {'params(M)':>9} {'img':>4} {'batch':>6} {'ms/step':>9} {'samples/s':>10} "
+        f"{'TFLOP/s':>8} {'MFU':>6} {'peak mem(GiB)':>13}"
+    )
     print(header)
     print("-" * len(header))
     for batch_size in args.batch_size:
@@ -168,8 +172,10 @@ def main() -> None:
         if row["status"] != "ok":
             print(f"{config.image_model:<28} {'':>9} {'':>4} {batch_size:>6} {'out of memory':>9}")
             continue
-        print(f"{config.image_model:<28} {row['params_m']:>9.1f} {row['image']:>4} {batch_size:>6} {row['ms']:>9.1f} "
-              f"{row['samples_s']:>10.1f} {row['tflops']:>8.2f} {row['mfu']:>6.1%} {row['peak_gib']:>13.2f}")  # fmt: skip
+        print(
+            f"{config.image_model:<28} {row['params_m']:>9.1f} {row['image']:>4} {batch_size:>6} {row['ms']:>9.1f} "
+            f"{row['samples_s']:>10.1f} {row['tflops']:>8.2f} {row['mfu']:>6.1%} {row['peak_gib']:>13.2f}"
+        )
         if device.type == "cuda":
             torch.cuda.empty_cache()
 

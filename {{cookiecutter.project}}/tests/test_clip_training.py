@@ -39,8 +39,15 @@ def test_train_logs_checkpoints_evaluates_and_serves(compose_cfg, tmp_path):
     metrics = train(cfg)
     out = Path(cfg.paths.output_dir)
     scalars, images = tensorboard(out)
-    expected = ["train/loss", "train/loss_image_to_text", "train/logit_scale", "val/loss", "val/zero_shot_acc",
-                "perf/samples_per_sec", "lr-AdamW/pg1"]  # fmt: skip
+    expected = [
+        "train/loss",
+        "train/loss_image_to_text",
+        "train/logit_scale",
+        "val/loss",
+        "val/zero_shot_acc",
+        "perf/samples_per_sec",
+        "lr-AdamW/pg1",
+    ]
     expected += [f"val/{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
     for tag in expected:
         assert scalars.get(tag), f"{tag} missing from TensorBoard: {sorted(scalars)}"
@@ -76,8 +83,9 @@ def test_train_logs_checkpoints_evaluates_and_serves(compose_cfg, tmp_path):
 
 
 def test_overfit_debug_config_drives_the_loss_down(compose_cfg):
-    cfg = compose_cfg(overrides=[*CLIP_TINY, "debug=overfit", "trainer.max_steps=40", "trainer.val_check_interval=40"],
-                      tiny=False)  # fmt: skip
+    cfg = compose_cfg(
+        overrides=[*CLIP_TINY, "debug=overfit", "trainer.max_steps=40", "trainer.val_check_interval=40"], tiny=False
+    )
     train(cfg)
     losses, _ = tensorboard(Path(cfg.paths.output_dir))
     assert losses["train/loss"][-1] < 0.3 * losses["train/loss"][0], losses["train/loss"]
@@ -122,10 +130,29 @@ def test_retrieval_recall_counts_unique_items_once():
 
 def test_step_benchmark_runs_on_cpu_and_prints_a_table():
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "clip_step.py"), "--preset", "tiny", "--image-size", "32",
-         "--batch-size", "4", "8", "--steps", "3", "--warmup", "1", "--device", "cpu", "--precision", "fp32"],
-        capture_output=True, text=True, cwd=ROOT,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "clip_step.py"),
+            "--preset",
+            "tiny",
+            "--image-size",
+            "32",
+            "--batch-size",
+            "4",
+            "8",
+            "--steps",
+            "3",
+            "--warmup",
+            "1",
+            "--device",
+            "cpu",
+            "--precision",
+            "fp32",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("resnet18")]
     assert len(rows) == 2 and "samples/s" in proc.stdout and "ms/step" in proc.stdout

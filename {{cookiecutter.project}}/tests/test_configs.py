@@ -9,7 +9,7 @@ from hydra.utils import instantiate
 
 from {{cookiecutter.package}}.training import build_callbacks, build_loggers, build_trainer
 
-from .conftest import CONFIGS{% if cookiecutter.clip %}, CLIP_TINY{% endif %}{% if cookiecutter.gpt %}, TINY{% endif %}
+from .conftest import {% if cookiecutter.clip %}CLIP_TINY, {% endif %}CONFIGS{% if cookiecutter.gpt %}, TINY{% endif %}
 
 # Each model option: its network-preset group and the overrides that give it data to train on.
 MODELS = {

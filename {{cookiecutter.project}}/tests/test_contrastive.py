@@ -82,8 +82,12 @@ WORLD, PER_RANK = 2, 3
 
 def _global_batch() -> dict[str, torch.Tensor]:
     image, text = features(WORLD * PER_RANK, seed=7)
-    return {"image": image, "text": text, "scale": torch.tensor(14.0, dtype=torch.float64),
-            "bias": torch.tensor(-3.0, dtype=torch.float64)}  # fmt: skip
+    return {
+        "image": image,
+        "text": text,
+        "scale": torch.tensor(14.0, dtype=torch.float64),
+        "bias": torch.tensor(-3.0, dtype=torch.float64),
+    }
 
 
 def _loss_and_grads(name: str, image, text, scale, bias) -> dict[str, torch.Tensor]:
@@ -130,8 +134,9 @@ def test_gathered_loss_over_two_processes_equals_the_global_batch_loss(tmp_path)
         for r, result in enumerate(per_rank):
             mine = slice(r * PER_RANK, (r + 1) * PER_RANK)
             for key in ("grad_image", "grad_text"):
-                torch.testing.assert_close(result[key] / WORLD, single[key][mine], rtol=1e-10, atol=1e-14,
-                                           msg=f"{name} {key} rank {r}")  # fmt: skip
+                torch.testing.assert_close(
+                    result[key] / WORLD, single[key][mine], rtol=1e-10, atol=1e-14, msg=f"{name} {key} rank {r}"
+                )
         for key in ("grad_scale", "grad_bias"):
             averaged = sum(r[key] for r in per_rank) / WORLD
             torch.testing.assert_close(averaged, single[key], rtol=1e-10, atol=1e-14, msg=f"{name} {key}")

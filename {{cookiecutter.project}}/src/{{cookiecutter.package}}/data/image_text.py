@@ -221,8 +221,9 @@ def image_transform(
     color_jitter, auto_augment, ...); `augment=None` uses the eval transform in training too.
     Eval: resize to S / crop_pct, centre crop S (crop_pct=1: the whole image)."""
     cfg = model_data_config(image_model)
-    common = dict(input_size=(3, image_size, image_size), interpolation=cfg["interpolation"],
-                  mean=cfg["mean"], std=cfg["std"])  # fmt: skip
+    common = dict(
+        input_size=(3, image_size, image_size), interpolation=cfg["interpolation"], mean=cfg["mean"], std=cfg["std"]
+    )
     if train and augment is not None:
         return create_transform(is_training=True, **common, **augment)
     return create_transform(
@@ -236,9 +237,8 @@ def tokenize_captions(tokenizer: Tokenizer, captions: list[str], context_length:
     eot = eot_id(tokenizer)
     out = torch.full((len(captions), context_length), eot, dtype=torch.int64)
     for i, encoding in enumerate(tokenizer.encode_batch(captions)):
-        ids = [
-            t for t in encoding.ids[: context_length - 1] if t != eot
-        ]  # a literal EOT in the text would end it early
+        # Cut to leave room for the EOT; a literal EOT inside the text would end the caption early.
+        ids = [t for t in encoding.ids[: context_length - 1] if t != eot]
         out[i, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
     return out
 
@@ -346,6 +346,7 @@ class ImageTextDataModule(L.LightningDataModule):
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.num_workers, self.seed = num_workers, seed
         self.tokenizer: Tokenizer | None = None
+        self.shuffle_train = True
         self.classes: list[str] = []
         self._records: dict[str, list[Record]] = {}
 
@@ -437,7 +438,7 @@ class ImageTextDataModule(L.LightningDataModule):
                 "lower data.batch_size or add data"
             )
         # drop_last: the contrastive loss gathers equal-sized batches from every rank.
-        return self._loader(dataset, self.batch_size, shuffle=True, drop_last=True)
+        return self._loader(dataset, self.batch_size, shuffle=self.shuffle_train, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
         # Fixed order: the first batch is the same every validation (the similarity-matrix figure).

@@ -117,13 +117,28 @@ def render(spec: ShapeSpec, size: int, rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(pixels, mode="RGB")
 
 
-class ShapesDataset:
-    """`length` items of one split; item i is a dict of the PIL image, caption, ids and class label."""
+def _draw(rng: np.random.Generator) -> ShapeSpec:
+    return ShapeSpec(
+        kind=KINDS[rng.integers(len(KINDS))],
+        colour=list(COLOURS)[rng.integers(len(COLOURS))],
+        size=list(SIZES)[rng.integers(len(SIZES))],
+        position=list(POSITIONS)[rng.integers(len(POSITIONS))],
+    )
 
-    def __init__(self, split: str, length: int, image_size: int, seed: int) -> None:
+
+class ShapesDataset:
+    """`length` items of one split; item i is a dict of the PIL image, caption, ids and class label.
+
+    twins: each odd item is the previous item's shape in another kind (same colour, size and
+    position, its own jitter). In a batch that keeps them together, the two captions differ only in
+    the kind: a hard negative. With independent items a batch rarely holds two shapes that differ
+    only in kind, so the loss is nearly satisfied by colour, size and position, and the kinds, the
+    zero-shot classes, are learnt last. Training uses twins; validation does not (i.i.d. items)."""
+
+    def __init__(self, split: str, length: int, image_size: int, seed: int, twins: bool = False) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
-        self.split, self.length, self.image_size, self.seed = split, length, image_size, seed
+        self.split, self.length, self.image_size, self.seed, self.twins = split, length, image_size, seed, twins
 
     def __len__(self) -> int:
         return self.length
@@ -132,12 +147,11 @@ class ShapesDataset:
         if not 0 <= i < self.length:
             raise IndexError(i)
         rng = np.random.default_rng((self.seed, SPLITS[self.split], i))
-        spec = ShapeSpec(
-            kind=KINDS[rng.integers(len(KINDS))],
-            colour=list(COLOURS)[rng.integers(len(COLOURS))],
-            size=list(SIZES)[rng.integers(len(SIZES))],
-            position=list(POSITIONS)[rng.integers(len(POSITIONS))],
-        )
+        spec = _draw(rng)
+        if self.twins and i % 2 == 1:
+            base = _draw(np.random.default_rng((self.seed, SPLITS[self.split], i - 1)))
+            other = (KINDS.index(base.kind) + 1 + int(rng.integers(len(KINDS) - 1))) % len(KINDS)
+            spec = ShapeSpec(KINDS[other], base.colour, base.size, base.position)
         return {
             "image": render(spec, self.image_size, rng),
             "caption": spec.caption,
@@ -153,7 +167,8 @@ class ShapesDataModule(ImageTextDataModule):
 
     zero_shot: how a class (shape kind) is described to the text tower: "ensemble" averages the
     embeddings of every caption of that kind (216: all colours, sizes and positions; prompt
-    ensembling as in the CLIP paper), "name" uses the single prompt "a <kind>"."""
+    ensembling as in the CLIP paper), "name" uses the single prompt "a <kind>". twins: train on
+    pairs that differ only in kind (see ShapesDataset)."""
 
     def __init__(
         self,
@@ -170,6 +185,7 @@ class ShapesDataModule(ImageTextDataModule):
         num_workers: int = 0,
         seed: int = 1337,
         zero_shot: str = "ensemble",
+        twins: bool = True,
     ) -> None:
         super().__init__(
             train=[],
@@ -188,8 +204,13 @@ class ShapesDataModule(ImageTextDataModule):
             raise ConfigError(f"data.train_size and data.val_size must be positive, got {train_size}, {val_size}")
         if zero_shot not in ("ensemble", "name"):
             raise ConfigError(f"data.zero_shot must be 'ensemble' or 'name', got {zero_shot!r}")
+        if twins and batch_size % 2:
+            raise ConfigError(f"data.batch_size={batch_size} must be even with data.twins=true (pairs stay together)")
         self.sizes = {"train": train_size, "val": val_size}
-        self.zero_shot = zero_shot
+        self.zero_shot, self.twins = zero_shot, twins
+        # Items are random already; in order, each twin stays in its partner's batch (under DDP the
+        # sampler deals neighbours to different ranks, but into the same global batch).
+        self.shuffle_train = not twins
 
     def read(self) -> tuple[list[Record], list[Record], list[str]]:
         return [], [], list(KINDS)
@@ -200,7 +221,7 @@ class ShapesDataModule(ImageTextDataModule):
     def dataset(self, split: str, transform: Callable) -> Encoded:
         captions = self.tokenizer_corpus()
         tokens = dict(zip(captions, tokenize_captions(self.tokenizer, captions, self.context_length)))  # 1296 x (T,)
-        items = ShapesDataset(split, self.sizes[split], self.image_size, self.seed)
+        items = ShapesDataset(split, self.sizes[split], self.image_size, self.seed, twins=self.twins and split == "train")
         return Encoded(items, transform, tokens.__getitem__)
 
     def zero_shot_prompts(self) -> dict[str, list[str]]:

@@ -126,8 +126,10 @@ class CLIPModule(L.LightningModule):
             return
         eot, n_vocab = datamodule.eot_id, tokenizer.get_vocab_size()
         if eot != self.config.eot_id:
-            raise ConfigError(f"model.net.eot_id={self.config.eot_id} but the tokenizer's end-of-text id is {eot}; "
-                              f"set model.net.eot_id={eot}")  # fmt: skip
+            raise ConfigError(
+                f"model.net.eot_id={self.config.eot_id} but the tokenizer's end-of-text id is {eot}; "
+                f"set model.net.eot_id={eot}"
+            )
         if n_vocab > self.config.vocab_size:
             raise ConfigError(
                 f"model.net.vocab_size={self.config.vocab_size} is below the tokenizer's {n_vocab} tokens"

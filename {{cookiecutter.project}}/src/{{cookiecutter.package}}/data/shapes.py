@@ -221,7 +221,9 @@ class ShapesDataModule(ImageTextDataModule):
     def dataset(self, split: str, transform: Callable) -> Encoded:
         captions = self.tokenizer_corpus()
         tokens = dict(zip(captions, tokenize_captions(self.tokenizer, captions, self.context_length)))  # 1296 x (T,)
-        items = ShapesDataset(split, self.sizes[split], self.image_size, self.seed, twins=self.twins and split == "train")
+        items = ShapesDataset(
+            split, self.sizes[split], self.image_size, self.seed, twins=self.twins and split == "train"
+        )
         return Encoded(items, transform, tokens.__getitem__)
 
     def zero_shot_prompts(self) -> dict[str, list[str]]:

@@ -125,6 +125,7 @@ def test_train_logs_saves_the_student_and_eval_compares_it_with_the_teacher(comp
     # The result: the best student as a plain GPT checkpoint, readable by every GPT tool.
     best = torch.load(next(folder.glob("step*.ckpt")), weights_only=True)
     student = torch.load(folder / "student.ckpt", weights_only=True)
+    assert (folder / "student.ckpt").stat().st_mode & 0o777 == (folder / "last.ckpt").stat().st_mode & 0o777
     assert "optimizer_states" not in student and student["distilled_from"]["teacher"]["ckpt_path"] == str(ckpt)
     gpt = GPTModule.load_from_checkpoint(folder / "student.ckpt", weights_only=True)
     assert gpt.config.num_layers == 2

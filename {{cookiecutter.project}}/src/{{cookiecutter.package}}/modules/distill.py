@@ -25,7 +25,6 @@ and perplexity, the same numbers a GPT run reports), val/teacher_loss, val/teach
 import logging
 import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -327,12 +326,11 @@ def export_student(ckpt_path: str | Path, out_path: str | Path) -> Path:
     out["hyper_parameters"] = {k: hparams[k] for k in ("net", "optimizer", "scheduler", "compile") if k in hparams}
     out["distilled_from"] = {"teacher": hparams["teacher"], "loss": hparams.get("loss")}
     out_path = Path(out_path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}-", dir=out_path.parent)  # atomic: never half a file
-    os.close(fd)
+    # Written beside the target, then renamed: never half a file. (Not mkstemp: its files are private, 0600.)
+    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
     try:
         torch.save(out, tmp)
         os.replace(tmp, out_path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
     return out_path

@@ -1,6 +1,7 @@
 """Shared fixtures: Hydra configs composed the way train.py composes them, and small real data."""
-
+{% if cookiecutter.clip %}
 import json
+{%- endif %}
 import os
 import subprocess
 import sys

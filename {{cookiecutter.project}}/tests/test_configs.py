@@ -47,7 +47,7 @@ def test_every_model_and_network_preset_instantiates(compose_cfg, option):
 def data_overrides(option: str, image_pairs: Path) -> list[str]:
     """Options that need paths get the test data; the others bring their own (Shakespeare, shapes)."""
     if option == "image_text":
-        return [*CLIP_TINY, "data=image_text", f"data.train=[{image_pairs / 'pairs.jsonl'}]"]
+        return ["model=clip", "model/clip_net=tiny", "data=image_text", f"data.train=[{image_pairs / 'pairs.jsonl'}]"]
     return [f"data={option}"]
 {%- endif %}
 

@@ -1,5 +1,6 @@
 """{{ cookiecutter.project_name }}: {{ cookiecutter.description }}"""
-{% if cookiecutter.gpt %}
+{%- if cookiecutter.gpt %}
+
 from .api import train
 from .models.gpt import GPT, GPTConfig
 {%- endif %}

@@ -115,17 +115,18 @@ def test_shapes_are_deterministic_and_match_their_captions():
     assert len(SPECS) == len({s.caption for s in SPECS}) == 1296
 
 
-def test_shapes_training_twins_differ_only_in_kind():
-    twins = ShapesDataset("train", 20, 32, seed=0, twins=True)
-    for i in range(0, 20, 2):
-        a, b = SPECS[twins[i]["text_id"]], SPECS[twins[i + 1]["text_id"]]
-        assert a.kind != b.kind and (a.colour, a.size, a.position) == (b.colour, b.size, b.position)
+def test_shapes_training_groups_differ_only_in_kind():
+    groups = ShapesDataset("train", 24, 32, seed=0, kind_group=4)
+    for first in range(0, 24, 4):
+        specs = [SPECS[groups[first + j]["text_id"]] for j in range(4)]
+        assert len({s.kind for s in specs}) == 4
+        assert len({(s.colour, s.size, s.position) for s in specs}) == 1
     dm = ShapesDataModule(image_size=32, train_size=16, val_size=8, batch_size=8)
     dm.setup("fit")
     captions = next(iter(dm.train_dataloader()))["caption"]
-    assert captions[0].split()[:3] == captions[1].split()[:3] and captions[0] != captions[1]
-    with pytest.raises(ConfigError, match="data.batch_size=7 must be even"):
-        ShapesDataModule(batch_size=7)
+    assert len({c.split()[3] for c in captions[:4]}) == 4 and len({c.split()[2] for c in captions[:4]}) == 1
+    with pytest.raises(ConfigError, match="data.kind_group=4 must be in .* and divide data.batch_size=6"):
+        ShapesDataModule(batch_size=6)
 
 
 def test_shapes_datamodule_tokenizer_is_the_same_every_time():

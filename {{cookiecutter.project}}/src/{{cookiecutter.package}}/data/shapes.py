@@ -129,16 +129,19 @@ def _draw(rng: np.random.Generator) -> ShapeSpec:
 class ShapesDataset:
     """`length` items of one split; item i is a dict of the PIL image, caption, ids and class label.
 
-    twins: each odd item is the previous item's shape in another kind (same colour, size and
-    position, its own jitter). In a batch that keeps them together, the two captions differ only in
-    the kind: a hard negative. With independent items a batch rarely holds two shapes that differ
-    only in kind, so the loss is nearly satisfied by colour, size and position, and the kinds, the
-    zero-shot classes, are learnt last. Training uses twins; validation does not (i.i.d. items)."""
+    kind_group: consecutive groups of this many items show one colour, size and position in
+    different kinds (each with its own jitter and noise). In a batch that keeps a group together,
+    their captions differ only in the kind: hard negatives. With independent items (kind_group=1)
+    a batch rarely holds two shapes that differ only in kind, so the loss is nearly satisfied by
+    colour, size and position, and the kinds, the zero-shot classes, are learnt last."""
 
-    def __init__(self, split: str, length: int, image_size: int, seed: int, twins: bool = False) -> None:
+    def __init__(self, split: str, length: int, image_size: int, seed: int, kind_group: int = 1) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
-        self.split, self.length, self.image_size, self.seed, self.twins = split, length, image_size, seed, twins
+        if not 1 <= kind_group <= len(KINDS):
+            raise ValueError(f"kind_group must be in [1, {len(KINDS)}], got {kind_group}")
+        self.split, self.length, self.image_size, self.seed = split, length, image_size, seed
+        self.kind_group = kind_group
 
     def __len__(self) -> int:
         return self.length
@@ -148,10 +151,11 @@ class ShapesDataset:
             raise IndexError(i)
         rng = np.random.default_rng((self.seed, SPLITS[self.split], i))
         spec = _draw(rng)
-        if self.twins and i % 2 == 1:
-            base = _draw(np.random.default_rng((self.seed, SPLITS[self.split], i - 1)))
-            other = (KINDS.index(base.kind) + 1 + int(rng.integers(len(KINDS) - 1))) % len(KINDS)
-            spec = ShapeSpec(KINDS[other], base.colour, base.size, base.position)
+        if self.kind_group > 1:
+            first = i - i % self.kind_group  # the group's first item draws colour, size and position
+            base = _draw(np.random.default_rng((self.seed, SPLITS[self.split], first)))
+            kinds = np.random.default_rng((self.seed, SPLITS[self.split], first, 1)).permutation(len(KINDS))
+            spec = ShapeSpec(KINDS[kinds[i % self.kind_group]], base.colour, base.size, base.position)
         return {
             "image": render(spec, self.image_size, rng),
             "caption": spec.caption,
@@ -167,8 +171,8 @@ class ShapesDataModule(ImageTextDataModule):
 
     zero_shot: how a class (shape kind) is described to the text tower: "ensemble" averages the
     embeddings of every caption of that kind (216: all colours, sizes and positions; prompt
-    ensembling as in the CLIP paper), "name" uses the single prompt "a <kind>". twins: train on
-    pairs that differ only in kind (see ShapesDataset)."""
+    ensembling as in the CLIP paper), "name" uses the single prompt "a <kind>". kind_group: train
+    on groups of shapes that differ only in kind (see ShapesDataset)."""
 
     def __init__(
         self,
@@ -185,7 +189,7 @@ class ShapesDataModule(ImageTextDataModule):
         num_workers: int = 0,
         seed: int = 1337,
         zero_shot: str = "ensemble",
-        twins: bool = True,
+        kind_group: int = 4,
     ) -> None:
         super().__init__(
             train=[],
@@ -204,13 +208,15 @@ class ShapesDataModule(ImageTextDataModule):
             raise ConfigError(f"data.train_size and data.val_size must be positive, got {train_size}, {val_size}")
         if zero_shot not in ("ensemble", "name"):
             raise ConfigError(f"data.zero_shot must be 'ensemble' or 'name', got {zero_shot!r}")
-        if twins and batch_size % 2:
-            raise ConfigError(f"data.batch_size={batch_size} must be even with data.twins=true (pairs stay together)")
+        if not 1 <= kind_group <= len(KINDS) or batch_size % kind_group:
+            raise ConfigError(
+                f"data.kind_group={kind_group} must be in [1, {len(KINDS)}] and divide data.batch_size={batch_size}"
+            )
         self.sizes = {"train": train_size, "val": val_size}
-        self.zero_shot, self.twins = zero_shot, twins
-        # Items are random already; in order, each twin stays in its partner's batch (under DDP the
-        # sampler deals neighbours to different ranks, but into the same global batch).
-        self.shuffle_train = not twins
+        self.zero_shot, self.kind_group = zero_shot, kind_group
+        # Items are random already; in order, a group stays in one batch (under DDP the sampler deals
+        # neighbours to different ranks, but into the same global batch, which the loss gathers).
+        self.shuffle_train = kind_group == 1
 
     def read(self) -> tuple[list[Record], list[Record], list[str]]:
         return [], [], list(KINDS)
@@ -221,9 +227,8 @@ class ShapesDataModule(ImageTextDataModule):
     def dataset(self, split: str, transform: Callable) -> Encoded:
         captions = self.tokenizer_corpus()
         tokens = dict(zip(captions, tokenize_captions(self.tokenizer, captions, self.context_length)))  # 1296 x (T,)
-        items = ShapesDataset(
-            split, self.sizes[split], self.image_size, self.seed, twins=self.twins and split == "train"
-        )
+        group = self.kind_group if split == "train" else 1  # validation: independent items
+        items = ShapesDataset(split, self.sizes[split], self.image_size, self.seed, kind_group=group)
         return Encoded(items, transform, tokens.__getitem__)
 
     def zero_shot_prompts(self) -> dict[str, list[str]]:

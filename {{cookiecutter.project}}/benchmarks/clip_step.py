@@ -90,6 +90,7 @@ def run(config: CLIPConfig, batch_size: int, args: argparse.Namespace) -> dict[s
     device = torch.device(args.device)
     autocast_dtype, matmul_precision, lightning_precision = PRECISIONS[args.precision]
     torch.set_float32_matmul_precision(matmul_precision)
+    torch.backends.cudnn.benchmark = True  # CNN towers: pick the fastest convolution kernels in warmup
     torch.manual_seed(0)
     model = CLIP(config).to(device)
     size = image_size_of(model, args)

@@ -84,7 +84,7 @@ def test_train_logs_checkpoints_evaluates_and_serves(compose_cfg, tmp_path):
 
 def test_overfit_debug_config_drives_the_loss_down(compose_cfg):
     cfg = compose_cfg(
-        overrides=[*CLIP_TINY, "debug=overfit", "trainer.max_steps=40", "trainer.val_check_interval=40"], tiny=False
+        overrides=[*CLIP_TINY, "debug=overfit", "trainer.max_steps=60", "trainer.val_check_interval=60"], tiny=False
     )
     train(cfg)
     losses, _ = tensorboard(Path(cfg.paths.output_dir))

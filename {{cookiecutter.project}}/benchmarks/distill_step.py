@@ -1,6 +1,7 @@
 """Time a distillation training step against a plain student step; print a table.
 
     python benchmarks/distill_step.py                                  # tiny presets, CPU: a smoke test
+    python benchmarks/distill_step.py --student-set num_layers=2 d_model=64 --batch 32   # the Shakespeare demo
     python benchmarks/distill_step.py --teacher gpt2-774m --student gpt2-124m --batch 8 --seq-len 1024 \\
         --device cuda --dtype bf16
 
@@ -42,7 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default="tiny", choices=sorted(GPT_PRESETS), help="teacher preset")
     p.add_argument("--student", default="tiny", choices=sorted(GPT_PRESETS), help="student preset")
-    p.add_argument("--student-layers", type=int, default=None, help="override the student's num_layers")
+    p.add_argument("--teacher-set", nargs="*", default=[], metavar="KEY=VALUE", help="teacher GPTConfig overrides")
+    p.add_argument("--student-set", nargs="*", default=[], metavar="KEY=VALUE", help="e.g. num_layers=2 d_model=64")
     p.add_argument("--vocab-size", type=int, default=None, help="shared vocabulary (default: the teacher preset's)")
     p.add_argument("--batch", type=int, default=8, help="sequences per step")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
@@ -62,7 +64,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("batch", "seq_len", "steps"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
+    try:
+        args.teacher_set, args.student_set = overrides(args.teacher_set), overrides(args.student_set)
+    except ValueError as e:
+        p.error(str(e))
     return args
+
+
+def overrides(pairs: list[str]) -> dict[str, int | float | bool]:
+    """["num_layers=2", "dropout=0.1"] -> {"num_layers": 2, "dropout": 0.1}."""
+    out: dict[str, int | float | bool] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"{pair!r}: expected KEY=VALUE, e.g. num_layers=2")
+        if value.lower() in ("true", "false"):
+            out[key] = value.lower() == "true"
+        else:
+            out[key] = float(value) if "." in value or "e" in value.lower() else int(value)
+    return out
 
 
 class Timer:
@@ -125,10 +145,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device)
     vocab = args.vocab_size or GPT_PRESETS[args.teacher]["vocab_size"]
     shape = {"vocab_size": vocab, "max_length": args.seq_len}  # one tokenizer, one context for both
-    student_cfg = GPTConfig.from_name(args.student, **shape)
-    if args.student_layers:
-        student_cfg = GPTConfig.from_dict({**student_cfg.to_dict(), "num_layers": args.student_layers})
-    teacher_cfg = GPTConfig.from_name(args.teacher, **shape)
+    student_cfg = GPTConfig.from_name(args.student, **{**shape, **args.student_set})
+    teacher_cfg = GPTConfig.from_name(args.teacher, **{**shape, **args.teacher_set})
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext()
     teacher_dtype = torch.bfloat16 if args.teacher_weights == "bf16" else torch.float32
     loss_kwargs = dict(

@@ -21,6 +21,7 @@ Runs from a checkout: the project's src/ is put on the path when the package is 
 
 import argparse
 import gc
+import itertools
 import statistics
 import sys
 import time
@@ -37,6 +38,8 @@ if str(SRC) not in sys.path:
 from {{cookiecutter.package}}.losses.distill import KINDS, distillation_loss  # noqa: E402
 from {{cookiecutter.package}}.models.gpt import GPT, GPT_PRESETS, GPTConfig  # noqa: E402
 from {{cookiecutter.package}}.modules.optim import build_adamw  # noqa: E402
+
+ROWS = ("student", "distill", "teacher", "loss")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,18 +60,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kind", default="forward", choices=KINDS)
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     p.add_argument("--steps", type=int, default=20, help="timed steps (the median is reported)")
-    p.add_argument("--rows", default="student,distill,teacher,loss", help="which rows to run, comma-separated")
+    p.add_argument("--rows", default=",".join(ROWS), help="which rows to run, comma-separated")
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
     for name in ("batch", "seq_len", "steps"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
+    unknown = set(args.rows.split(",")) - set(ROWS)
+    if unknown:
+        p.error(f"--rows: unknown {sorted(unknown)}; choose from {','.join(ROWS)}")
     try:
         args.teacher_set, args.student_set = overrides(args.teacher_set), overrides(args.student_set)
+        configs(args)  # bad preset overrides fail here, as one line
     except ValueError as e:
         p.error(str(e))
     return args
+
+
+def configs(args: argparse.Namespace) -> tuple[GPTConfig, GPTConfig]:
+    """(teacher, student): one vocabulary and one context for both, then each one's overrides."""
+    vocab = args.vocab_size or GPT_PRESETS[args.teacher]["vocab_size"]
+    shape = {"vocab_size": vocab, "max_length": args.seq_len}
+    teacher = GPTConfig.from_name(args.teacher, **{**shape, **args.teacher_set})
+    student = GPTConfig.from_name(args.student, **{**shape, **args.student_set})
+    return teacher, student
 
 
 def overrides(pairs: list[str]) -> dict[str, int | float | bool]:
@@ -143,10 +159,8 @@ def free(device: torch.device) -> None:
 
 def run(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device)
-    vocab = args.vocab_size or GPT_PRESETS[args.teacher]["vocab_size"]
-    shape = {"vocab_size": vocab, "max_length": args.seq_len}  # one tokenizer, one context for both
-    student_cfg = GPTConfig.from_name(args.student, **{**shape, **args.student_set})
-    teacher_cfg = GPTConfig.from_name(args.teacher, **{**shape, **args.teacher_set})
+    teacher_cfg, student_cfg = configs(args)
+    vocab = student_cfg.vocab_size
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext()
     teacher_dtype = torch.bfloat16 if args.teacher_weights == "bf16" else torch.float32
     loss_kwargs = dict(
@@ -158,10 +172,10 @@ def run(args: argparse.Namespace) -> list[dict]:
     )
     g = torch.Generator(device=device).manual_seed(0)
     batches = [torch.randint(0, vocab, (args.batch, args.seq_len + 1), device=device, generator=g) for _ in range(4)]
-    it = iter(range(10**9))
+    step = itertools.count()
 
     def batch() -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = batches[next(it) % len(batches)]
+        tokens = batches[next(step) % len(batches)]
         return tokens[:, :-1], tokens[:, 1:]  # (B, T) inputs, (B, T) next-token labels
 
     rows = set(args.rows.split(","))

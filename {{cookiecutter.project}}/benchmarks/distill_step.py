@@ -1,6 +1,7 @@
 """Time a distillation training step against a plain student step; print a table.
 
     python benchmarks/distill_step.py                                  # tiny presets, CPU: a smoke test
+    python benchmarks/distill_step.py --student-set num_layers=2 d_model=64 --batch 32   # the Shakespeare demo
     python benchmarks/distill_step.py --teacher gpt2-774m --student gpt2-124m --batch 8 --seq-len 1024 \\
         --device cuda --dtype bf16
 
@@ -20,6 +21,7 @@ Runs from a checkout: the project's src/ is put on the path when the package is 
 
 import argparse
 import gc
+import itertools
 import statistics
 import sys
 import time
@@ -37,12 +39,15 @@ from {{cookiecutter.package}}.losses.distill import KINDS, distillation_loss  # 
 from {{cookiecutter.package}}.models.gpt import GPT, GPT_PRESETS, GPTConfig  # noqa: E402
 from {{cookiecutter.package}}.modules.optim import build_adamw  # noqa: E402
 
+ROWS = ("student", "distill", "teacher", "loss")
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default="tiny", choices=sorted(GPT_PRESETS), help="teacher preset")
     p.add_argument("--student", default="tiny", choices=sorted(GPT_PRESETS), help="student preset")
-    p.add_argument("--student-layers", type=int, default=None, help="override the student's num_layers")
+    p.add_argument("--teacher-set", nargs="*", default=[], metavar="KEY=VALUE", help="teacher GPTConfig overrides")
+    p.add_argument("--student-set", nargs="*", default=[], metavar="KEY=VALUE", help="e.g. num_layers=2 d_model=64")
     p.add_argument("--vocab-size", type=int, default=None, help="shared vocabulary (default: the teacher preset's)")
     p.add_argument("--batch", type=int, default=8, help="sequences per step")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
@@ -55,14 +60,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kind", default="forward", choices=KINDS)
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     p.add_argument("--steps", type=int, default=20, help="timed steps (the median is reported)")
-    p.add_argument("--rows", default="student,distill,teacher,loss", help="which rows to run, comma-separated")
+    p.add_argument("--rows", default=",".join(ROWS), help="which rows to run, comma-separated")
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
     for name in ("batch", "seq_len", "steps"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
+    unknown = set(args.rows.split(",")) - set(ROWS)
+    if unknown:
+        p.error(f"--rows: unknown {sorted(unknown)}; choose from {','.join(ROWS)}")
+    try:
+        args.teacher_set, args.student_set = overrides(args.teacher_set), overrides(args.student_set)
+        configs(args)  # bad preset overrides fail here, as one line
+    except ValueError as e:
+        p.error(str(e))
     return args
+
+
+def configs(args: argparse.Namespace) -> tuple[GPTConfig, GPTConfig]:
+    """(teacher, student): one vocabulary and one context for both, then each one's overrides."""
+    vocab = args.vocab_size or GPT_PRESETS[args.teacher]["vocab_size"]
+    shape = {"vocab_size": vocab, "max_length": args.seq_len}
+    teacher = GPTConfig.from_name(args.teacher, **{**shape, **args.teacher_set})
+    student = GPTConfig.from_name(args.student, **{**shape, **args.student_set})
+    return teacher, student
+
+
+def overrides(pairs: list[str]) -> dict[str, int | float | bool]:
+    """["num_layers=2", "dropout=0.1"] -> {"num_layers": 2, "dropout": 0.1}."""
+    out: dict[str, int | float | bool] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"{pair!r}: expected KEY=VALUE, e.g. num_layers=2")
+        if value.lower() in ("true", "false"):
+            out[key] = value.lower() == "true"
+        else:
+            out[key] = float(value) if "." in value or "e" in value.lower() else int(value)
+    return out
 
 
 class Timer:
@@ -123,12 +159,8 @@ def free(device: torch.device) -> None:
 
 def run(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device)
-    vocab = args.vocab_size or GPT_PRESETS[args.teacher]["vocab_size"]
-    shape = {"vocab_size": vocab, "max_length": args.seq_len}  # one tokenizer, one context for both
-    student_cfg = GPTConfig.from_name(args.student, **shape)
-    if args.student_layers:
-        student_cfg = GPTConfig.from_dict({**student_cfg.to_dict(), "num_layers": args.student_layers})
-    teacher_cfg = GPTConfig.from_name(args.teacher, **shape)
+    teacher_cfg, student_cfg = configs(args)
+    vocab = student_cfg.vocab_size
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext()
     teacher_dtype = torch.bfloat16 if args.teacher_weights == "bf16" else torch.float32
     loss_kwargs = dict(
@@ -140,10 +172,10 @@ def run(args: argparse.Namespace) -> list[dict]:
     )
     g = torch.Generator(device=device).manual_seed(0)
     batches = [torch.randint(0, vocab, (args.batch, args.seq_len + 1), device=device, generator=g) for _ in range(4)]
-    it = iter(range(10**9))
+    step = itertools.count()
 
     def batch() -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = batches[next(it) % len(batches)]
+        tokens = batches[next(step) % len(batches)]
         return tokens[:, :-1], tokens[:, 1:]  # (B, T) inputs, (B, T) next-token labels
 
     rows = set(args.rows.split(","))

@@ -192,6 +192,19 @@ def test_bad_settings_name_the_config_key(kwargs, error, message):
         DistillModule(net=student, **kwargs)
 
 
+def test_loading_is_strict_about_everything_but_the_teacher():
+    student = GPTConfig.from_name("tiny", vocab_size=300, max_length=16, num_layers=1).to_dict()
+    module = DistillModule(net=student, teacher={"net": student})
+    module.configure_model()
+    state = module.state_dict()
+    assert state and not any("teacher" in k for k in state)  # the teacher is never saved ...
+    module.load_state_dict(state)  # ... nor expected back
+    with pytest.raises(RuntimeError, match=r"missing \['net.ln_f.weight'\]"):
+        module.load_state_dict({k: v for k, v in state.items() if k != "net.ln_f.weight"})
+    with pytest.raises(RuntimeError, match=r"unexpected \['net.extra'\]"):
+        module.load_state_dict({**state, "net.extra": torch.zeros(1)})
+
+
 def test_a_missing_teacher_checkpoint_names_the_key():
     module = DistillModule(net=GPTConfig.from_name("tiny").to_dict(), teacher={"ckpt_path": "nowhere.ckpt"})
     with pytest.raises(DataPathError, match="model.teacher.ckpt_path='nowhere.ckpt' is not a file"):
@@ -213,7 +226,9 @@ def test_step_benchmark_runs_on_the_cpu_and_prints_its_table(capsys):
         "--batch=2",
         "--seq-len=16",
         "--vocab-size=300",
-        "--student-layers=2",
+        "--student-set",
+        "num_layers=2",
+        "d_model=64",
         "--warmup=1",
         "--steps=2",
         "--chunk-size=7",
@@ -252,13 +267,21 @@ def test_ddp_on_two_cpu_processes(teacher, tmp_path, corpus, data_dir):
 
 
 @pytest.mark.slow
-def test_fsdp2_shards_both_networks_and_resumes_from_a_sharded_checkpoint(teacher, tmp_path, corpus, data_dir):
+def test_fsdp2_shards_both_networks_and_resumes_from_sharded_and_single_file_checkpoints(
+    teacher, tmp_path, corpus, data_dir
+):
     fsdp = ["trainer=fsdp", "trainer.strategy.param_dtype=null", "trainer.strategy.reduce_dtype=null"]
     stop = ["+callbacks.stop._target_=tests.conftest.StopAtStep", "+callbacks.stop.step=2"]
     first = launch(tmp_path / "a", teacher[0], corpus, data_dir, *fsdp, *stop)
     assert (first / "last.ckpt" / "meta.pt").is_file()  # sharded: one file per rank
-    # Resuming loads the shards into a module whose (sharded) teacher is not in the checkpoint.
-    second = launch(tmp_path / "b", teacher[0], corpus, data_dir, *fsdp, f"ckpt_path={first / 'last.ckpt'}")
-    full = torch.load(consolidate(second / "last.ckpt", tmp_path / "full.ckpt"), weights_only=True)
-    assert full["global_step"] == 4 and all(k.startswith("net.") for k in full["state_dict"])
+    # Each resume loads into a module whose (sharded) teacher is not in the checkpoint: from the shards,
+    # then from the single file the second run gathers.
+    one_file = ["trainer.strategy.save_distributed_checkpoint=false"]
+    second = launch(tmp_path / "b", teacher[0], corpus, data_dir, *fsdp, *one_file, f"ckpt_path={first / 'last.ckpt'}")
+    assert (second / "last.ckpt").is_file()
+    third = launch(
+        tmp_path / "c", teacher[0], corpus, data_dir, *fsdp, "trainer.max_steps=6", f"ckpt_path={second / 'last.ckpt'}"
+    )
+    full = torch.load(consolidate(third / "last.ckpt", tmp_path / "full.ckpt"), weights_only=True)
+    assert full["global_step"] == 6 and all(k.startswith("net.") for k in full["state_dict"])
     assert GPTModule.load_from_checkpoint(tmp_path / "full.ckpt", weights_only=True).config.num_layers == 2

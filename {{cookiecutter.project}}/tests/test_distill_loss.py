@@ -190,3 +190,23 @@ def test_shape_mismatch_is_one_clear_error():
     student, teacher, labels = random_case()
     with pytest.raises(ValueError, match="must agree on every dimension but the last"):
         distillation_loss(student, teacher[:, :-1], labels, vocab_size=64)
+
+
+@pytest.mark.gpu
+def test_working_memory_is_bounded_by_the_chunk_at_gpt2_vocabulary_size():
+    """The module docstring's claim, measured: beyond the logits and their gradient, at most three
+    float32 [chunk, vocab] blocks. An unchunked float32 computation would need several N x V ones."""
+    n, vocab, padded, chunk = 8192, 50257, 50304, 1024
+    device = torch.device("cuda")
+    student = torch.randn(n, padded, device=device, dtype=torch.bfloat16, requires_grad=True)
+    teacher = torch.randn(n, padded, device=device, dtype=torch.bfloat16)
+    labels = torch.randint(0, vocab, (n,), device=device)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    distillation_loss(student, teacher, labels, vocab_size=vocab, chunk_size=chunk)["loss"].backward()
+    torch.cuda.synchronize(device)
+    extra = torch.cuda.max_memory_allocated(device) - base
+    gradient = student.numel() * student.element_size()  # what backward returns for any loss
+    block = chunk * padded * 4
+    assert extra <= gradient + 3 * block + 64 * 2**20, (extra / 2**20, gradient / 2**20, block / 2**20)

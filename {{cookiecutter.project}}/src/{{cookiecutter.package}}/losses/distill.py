@@ -18,30 +18,26 @@ produces for any loss. The gradient is written chunk by chunk into one prealloca
 """
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 KINDS = ("forward", "reverse")
 
 
-def _log_softmax_t(logits: Tensor, temperature: float, dtype: torch.dtype) -> Tensor:
-    """(c, V) logits in any dtype -> (c, V) log-probabilities at temperature T, in `dtype` (one new block)."""
-    x = logits.to(dtype, copy=True)
-    if temperature != 1.0:
-        x.div_(temperature)
-    return x.sub_(torch.logsumexp(x, dim=-1, keepdim=True))
-
-
-def _ce_rows(student: Tensor, labels: Tensor, dtype: torch.dtype) -> Tensor:
-    """Per-token cross-entropy over all student columns, as GPT.loss computes it. (c, Vs), (c,) -> (c,)."""
-    x = student.to(dtype)
-    return torch.logsumexp(x, dim=-1) - x.gather(1, labels[:, None]).squeeze(1)
+def _scaled(logits: Tensor, temperature: float, dtype: torch.dtype) -> Tensor:
+    """(c, V) logits / T, computed in `dtype` (bf16 logits are upcast before dividing, not after)."""
+    x = logits.to(dtype)
+    return x if temperature == 1.0 else x / temperature
 
 
 def _kl_rows(student: Tensor, teacher: Tensor, temperature: float, reverse: bool, dtype: torch.dtype) -> Tensor:
-    """Per-token KL at temperature T over the first V columns. (c, V), (c, V) -> (c,)."""
-    # Three blocks at most: two log-distributions, then the weights and the difference in place.
-    log_q = _log_softmax_t(student, temperature, dtype)  # student, log q
-    log_p = _log_softmax_t(teacher, temperature, dtype)  # teacher, log p
+    """Per-token KL at temperature T over the first V columns. (c, V), (c, V) -> (c,).
+
+    At most three [c, V] blocks alive: the two log-distributions, then the weights, with the difference
+    and the product computed in place (F.kl_div would allocate two more temporaries).
+    """
+    log_q = torch.log_softmax(_scaled(student, temperature, dtype), dim=-1)  # student, log q
+    log_p = torch.log_softmax(_scaled(teacher, temperature, dtype), dim=-1)  # teacher, log p
     if reverse:  # sum_v q (log q - log p)
         weight, diff = log_q.exp(), log_q.sub_(log_p)
     else:  # sum_v p (log p - log q)
@@ -55,17 +51,16 @@ def _kl_grad(student: Tensor, teacher: Tensor, temperature: float, reverse: bool
 
     forward KL(p || q): (q - p) / T.   reverse KL(q || p): q * (log q - log p - KL_row) / T.
     """
-    log_q = _log_softmax_t(student, temperature, dtype)
-    log_p = _log_softmax_t(teacher, temperature, dtype)
-    if reverse:
-        q = log_q.exp()
-        diff = log_q.sub_(log_p)  # log q - log p, in log_q's block
-        del log_p
+    if not reverse:
+        q = torch.softmax(_scaled(student, temperature, dtype), dim=-1)
+        grad = q.sub_(torch.softmax(_scaled(teacher, temperature, dtype), dim=-1))
+    else:
+        log_q = torch.log_softmax(_scaled(student, temperature, dtype), dim=-1)
+        diff = log_q - torch.log_softmax(_scaled(teacher, temperature, dtype), dim=-1)  # log q - log p
+        q = log_q.exp_()  # in log_q's block
         kl = (q * diff).sum(-1, keepdim=True)  # (c, 1)
         grad = diff.sub_(kl).mul_(q)
-    else:
-        grad = log_q.exp_().sub_(log_p.exp_())  # q - p, in log_q's block
-    return grad.div_(temperature)
+    return grad if temperature == 1.0 else grad.div_(temperature)
 
 
 class _ChunkedDistillation(torch.autograd.Function):
@@ -94,34 +89,37 @@ class _ChunkedDistillation(torch.autograd.Function):
         for i in range(0, student.shape[0], chunk_size):
             s, t, m = student[i : i + chunk_size], teacher[i : i + chunk_size], valid[i : i + chunk_size]
             kl = _kl_rows(s[:, :vocab_size], t[:, :vocab_size], temperature, reverse, dtype)
-            ce = _ce_rows(s, safe[i : i + chunk_size], dtype)
+            # CE over all student columns, exactly as GPT.loss computes it.
+            ce = F.cross_entropy(s.to(dtype), safe[i : i + chunk_size], reduction="none")
             # where, not multiply: a padded row may hold anything, and 0 * inf would be NaN.
             kl_sum += torch.where(m, kl, 0.0).sum()
             ce_sum += torch.where(m, ce, 0.0).sum()
         ctx.save_for_backward(student, teacher, safe, valid, n)
-        ctx.options = (temperature, reverse, vocab_size, chunk_size, dtype)
+        has_padding = not bool(valid.all())  # one host sync per call; the backward skips the masking without
+        ctx.options = (temperature, reverse, vocab_size, chunk_size, dtype, has_padding)
         return kl_sum / n, ce_sum / n
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_kl: Tensor, grad_ce: Tensor) -> tuple[Tensor | None, ...]:
         student, teacher, safe, valid, n = ctx.saved_tensors
-        temperature, reverse, vocab_size, chunk_size, dtype = ctx.options
+        temperature, reverse, vocab_size, chunk_size, dtype, has_padding = ctx.options
         grad = torch.empty_like(student)  # (N, Vs), the logits' dtype
+        # Each valid token's share of the two means is 1/n. Padded rows get 0 by masking, not by a 0
+        # weight: their logits may hold anything, and 0 * inf would be NaN.
+        w_kl, w_ce = (grad_kl / n).to(dtype), (grad_ce / n).to(dtype)
         for i in range(0, student.shape[0], chunk_size):
             s, t = student[i : i + chunk_size], teacher[i : i + chunk_size]
-            padded = ~valid[i : i + chunk_size, None]  # (c, 1)
-            # Each valid token's share of the means: d(mean)/d(row) = 1/n. Padded rows get 0 by masking,
-            # not by a 0 weight: their logits may hold anything, and 0 * inf would be NaN.
-            w = (grad_kl / n).to(dtype)
-            g_kl = _kl_grad(s[:, :vocab_size], t[:, :vocab_size], temperature, reverse, dtype).mul_(w)
+            g_kl = _kl_grad(s[:, :vocab_size], t[:, :vocab_size], temperature, reverse, dtype).mul_(w_kl)
             # d CE_row / d logits = softmax(logits) - onehot(label), over all student columns.
             g = torch.softmax(s.to(dtype), dim=-1)
             g.scatter_add_(1, safe[i : i + chunk_size, None], torch.full_like(g[:, :1], -1.0))
-            g.mul_((grad_ce / n).to(dtype))
+            g.mul_(w_ce)
             g[:, :vocab_size] += g_kl
             del g_kl
-            grad[i : i + chunk_size] = g.masked_fill_(padded, 0.0)
+            if has_padding:
+                g.masked_fill_(~valid[i : i + chunk_size, None], 0.0)
+            grad[i : i + chunk_size] = g
         return grad, None, None, None, None, None, None, None
 
 

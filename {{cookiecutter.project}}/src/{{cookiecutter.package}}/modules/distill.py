@@ -104,8 +104,15 @@ def _drop_teacher_weights(module: torch.nn.Module, state_dict: dict[str, Any], p
         del state_dict[key]
 
 
-def _teacher_weights_are_not_expected(module: torch.nn.Module, incompatible: Any) -> None:
+def _strict_but_for_the_teacher(module: torch.nn.Module, incompatible: Any) -> None:
+    """Checkpoints never hold the teacher: its keys are expected missing. Everything else is checked
+    here, strictly, because Lightning is told to load this module non-strictly (strict_loading)."""
     incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if not _is_teacher_key(k)]
+    if incompatible.missing_keys or incompatible.unexpected_keys:
+        raise RuntimeError(
+            f"the checkpoint does not fit {type(module).__name__}: missing {incompatible.missing_keys[:5]}, "
+            f"unexpected {incompatible.unexpected_keys[:5]}"
+        )
 
 
 class DistillModule(L.LightningModule):
@@ -153,7 +160,10 @@ class DistillModule(L.LightningModule):
         self.teacher_num_params = 0
         self.val_loss, self.val_teacher_loss, self.val_kl = MeanMetric(), MeanMetric(), MeanMetric()
         self.register_state_dict_post_hook(_drop_teacher_weights)
-        self.register_load_state_dict_post_hook(_teacher_weights_are_not_expected)
+        self.register_load_state_dict_post_hook(_strict_but_for_the_teacher)
+        # Some of Lightning's loaders check keys themselves (FSDP2 resuming from a single file expects every
+        # parameter, the teacher's too) unless loading is non-strict; the hook above is the strict check.
+        self.strict_loading = False
 
     # ----- building -------------------------------------------------------------------------------
 

@@ -7,23 +7,37 @@ import torch
 
 from {{cookiecutter.package}}.checkpoints import consolidate
 from {{cookiecutter.package}}.errors import ConfigError, DataPathError
-from {{cookiecutter.package}}.modules.gpt import GPTModule
+{%- if cookiecutter.gpt %}
+from {{cookiecutter.package}}.modules.gpt import GPTModule as Module
+{%- else %}
+from {{cookiecutter.package}}.modules.clip import CLIPModule as Module
+{%- endif %}
 from {{cookiecutter.package}}.training import build_trainer
 
-from .conftest import TINY, run_script
+from .conftest import {% if cookiecutter.gpt %}TINY{% else %}CLIP_TINY{% endif %}, run_script
 
 # Two CPU processes; float32 everywhere so DDP and FSDP2 compute the same thing.
 TWO_CPUS = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true", "trainer.max_steps=4"]
 FSDP = ["trainer=fsdp", "trainer.strategy.param_dtype=null", "trainer.strategy.reduce_dtype=null"]
 
 
-def train_run(tmp: Path, name: str, corpus: Path, data_dir: Path, *overrides: str) -> Path:
+@pytest.fixture
+def model({% if cookiecutter.gpt %}corpus: Path{% endif %}) -> list[str]:
+{%- if cookiecutter.gpt %}
+    """The tiny GPT on the test corpus."""
+    return [*TINY, f"data.paths=[{corpus}]", "callbacks.text_samples=null"]
+{%- else %}
+    """The tiny CLIP on 32 px shapes (this project has no GPT)."""
+    return [*CLIP_TINY, "callbacks.similarity=null"]
+{%- endif %}
+
+
+def train_run(tmp: Path, name: str, model: list[str], data_dir: Path, *overrides: str) -> Path:
     run_dir = tmp / name
-    quiet = ["callbacks.progress_bar=null", "callbacks.model_summary=null", "callbacks.text_samples=null"]
+    quiet = ["callbacks.progress_bar=null", "callbacks.model_summary=null"]
     run_script(
         "train.py",
-        *TINY,
-        f"data.paths=[{corpus}]",
+        *model,
         f"paths.data_dir={data_dir}",
         *TWO_CPUS,
         *quiet,
@@ -35,21 +49,21 @@ def train_run(tmp: Path, name: str, corpus: Path, data_dir: Path, *overrides: st
 
 
 @pytest.mark.slow
-def test_fsdp2_shards_saves_resumes_and_consolidates_to_the_ddp_weights(tmp_path, corpus, data_dir):
-    ddp = train_run(tmp_path, "ddp", corpus, data_dir, "trainer=ddp")
+def test_fsdp2_shards_saves_resumes_and_consolidates_to_the_ddp_weights(tmp_path, model, data_dir):
+    ddp = train_run(tmp_path, "ddp", model, data_dir, "trainer=ddp")
     reference = torch.load(ddp / "last.ckpt", weights_only=True)["state_dict"]
 
     # FSDP2, stopped after 2 of 4 steps (a sharded checkpoint at step 2), then resumed from it.
     stop = ["+callbacks.stop._target_=tests.conftest.StopAtStep", "+callbacks.stop.step=2"]
-    first = train_run(tmp_path, "fsdp-a", corpus, data_dir, *FSDP, *stop)
+    first = train_run(tmp_path, "fsdp-a", model, data_dir, *FSDP, *stop)
     assert (first / "last.ckpt" / "meta.pt").is_file() and len(list((first / "last.ckpt").glob("*.distcp"))) == 2
-    second = train_run(tmp_path, "fsdp-b", corpus, data_dir, *FSDP, f"ckpt_path={first / 'last.ckpt'}")
+    second = train_run(tmp_path, "fsdp-b", model, data_dir, *FSDP, f"ckpt_path={first / 'last.ckpt'}")
 
     full = consolidate(second / "last.ckpt", tmp_path / "full.ckpt")
     checkpoint = torch.load(full, weights_only=True)
     assert checkpoint["global_step"] == 4
-    module = GPTModule.load_from_checkpoint(full, weights_only=True)  # a plain, unsharded model
-    weights = {f"net.{k}": v for k, v in module.net.state_dict().items()}
+    module = Module.load_from_checkpoint(full, weights_only=True)  # a plain, unsharded model
+    weights = module.state_dict()
     assert weights.keys() == reference.keys()
     for key, value in reference.items():  # sharded training == replicated training, step for step
         torch.testing.assert_close(weights[key], value, rtol=1e-4, atol=1e-5, msg=key)

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from {{cookiecutter.package}}.data.text import (
-    EpochSampler,
     RandomWindows,
     SequentialWindows,
     TextDataModule,
@@ -82,18 +81,6 @@ def test_windows_are_shifted_by_one_and_reproducible():
     torch.testing.assert_close(RandomWindows(tokens, 16, seed=3)[5][0], x)
     val = SequentialWindows(tokens, block_size=16, max_windows=4)
     assert len(val) == 4 and val[1][0][0] == 16
-
-
-def test_epoch_sampler_splits_ranks_and_skips_resumed_batches():
-    ds = RandomWindows(np.arange(1000, dtype=np.uint16), block_size=10, seed=0)  # 100 windows
-    ranks = [list(EpochSampler(ds, num_replicas=2, rank=r, batch_size=4)) for r in range(2)]
-    assert len(ranks[0]) == len(ranks[1]) == 48  # 50 per rank, cut to whole batches
-    assert not set(ranks[0]) & set(ranks[1])
-    sampler = EpochSampler(ds, num_replicas=2, rank=0, batch_size=4)
-    sampler.set_epoch(1)
-    assert next(iter(sampler)) == 100  # epoch 1 continues the global sample ids
-    sampler.resume_epoch, sampler.skip = 1, 3
-    assert list(sampler) == [i + 100 for i in ranks[0][12:]]
 
 
 def test_datamodule_caches_tokens_once_and_atomically(tmp_path, corpus):

@@ -74,6 +74,31 @@ def fsdp2_shard(
     return networks
 
 
+def broadcast_buffers_after_forward(network: nn.Module, group: Any = None) -> None:
+    """After each training forward, copy rank 0's buffers (BatchNorm running statistics) to every
+    rank, so all ranks hold what DDP keeps (rank 0's statistics, broadcast_buffers=True). FSDP2
+    shards parameters only: without this each rank's statistics drift apart, and a sharded
+    checkpoint keeps whichever rank's copy its writer picks. One broadcast per buffer dtype, and
+    none at all for networks without buffers (the GPT)."""
+    if next(network.buffers(), None) is None:
+        return
+
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        if not module.training:
+            return
+        buffers = list(module.buffers())  # read now: moving the model to its device replaces them
+        for dtype in sorted({b.dtype for b in buffers}, key=str):  # the same order on every rank
+            same = [b for b in buffers if b.dtype == dtype]
+            flat = torch.cat([b.detach().reshape(-1) for b in same])
+            torch.distributed.broadcast(flat, group=group, group_src=0)
+            for b, value in zip(same, flat.split([b.numel() for b in same])):
+                # Through .data: BatchNorm's backward holds these tensors (unused in training mode),
+                # and autograd would reject a visible in-place change.
+                b.data.copy_(value.view_as(b))
+
+    network.register_forward_hook(hook)
+
+
 class FSDP2Strategy(ModelParallelStrategy):
     """Lightning's ModelParallelStrategy (FSDP2, DTensor) with the sharding applied for you.
 
@@ -111,5 +136,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         super().setup_environment()
 
     def setup(self, trainer: L.Trainer) -> None:
-        fsdp2_shard(self.lightning_module, self.device_mesh["data_parallel"], **self.shard_kwargs)
+        mesh = self.device_mesh["data_parallel"]
+        for network in fsdp2_shard(self.lightning_module, mesh, **self.shard_kwargs):
+            broadcast_buffers_after_forward(network, mesh.get_group())
         super().setup(trainer)

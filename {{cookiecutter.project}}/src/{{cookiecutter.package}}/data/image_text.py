@@ -12,6 +12,7 @@ label (B,) int64 (class index, -1 without classes) and caption (list of B string
 """
 
 import json
+import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError, DataFormatError, DataPathError
+from .sampling import EpochSampler, world_of
 from .tokenizer import EOT, eot_id, load_tokenizer, train_tokenizer
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -276,6 +278,30 @@ class ImageTextDataset(Dataset):
         }
 
 
+class EpochItems(Dataset):
+    """Training items by global id g = epoch * N + i (data/sampling.py): item i, its random
+    augmentation drawn from (seed, g) alone. Every epoch augments anew, yet a resumed run (or
+    another worker count) sees exactly the images an uninterrupted run would; the caller's random
+    state is left as it was."""
+
+    def __init__(self, items: Dataset, seed: int) -> None:
+        self.items, self.seed = items, seed
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, g: int) -> dict[str, Any]:
+        seed = int(np.random.SeedSequence((self.seed, g)).generate_state(1)[0])
+        python_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):  # timm's transforms draw from torch and `random`
+            torch.manual_seed(seed)
+            random.seed(seed)
+            try:
+                return self.items[g % len(self.items)]
+            finally:
+                random.setstate(python_state)
+
+
 class Encoded(Dataset):
     """Items of a dataset that yields PIL images and captions (data/shapes.py), as batch items."""
 
@@ -430,28 +456,28 @@ class ImageTextDataModule(L.LightningDataModule):
         return names, tokens.view(len(names), counts.pop(), self.context_length)
 
     def train_dataloader(self) -> DataLoader:
-        dataset = self.dataset("train", self.transform(train=True))
-        world = self.trainer.world_size if self.trainer else 1
+        dataset = EpochItems(self.dataset("train", self.transform(train=True)), self.seed)
+        world, rank = world_of(self.trainer)
         if len(dataset) < self.batch_size * world:
             raise ConfigError(
                 f"{len(dataset)} training pairs cannot fill one batch of {self.batch_size} on {world} device(s): "
                 "lower data.batch_size or add data"
             )
-        # drop_last: the contrastive loss gathers equal-sized batches from every rank.
-        return self._loader(dataset, self.batch_size, shuffle=self.shuffle_train, drop_last=True)
+        # Whole batches only (the contrastive loss gathers equal-sized batches from every rank), in an
+        # order that a resumed run continues exactly.
+        sampler = EpochSampler(dataset, world, rank, self.batch_size, shuffle=self.shuffle_train, seed=self.seed)
+        return self._loader(dataset, self.batch_size, sampler=sampler.resume_from(self.trainer))
 
     def val_dataloader(self) -> DataLoader:
         # Fixed order: the first batch is the same every validation (the similarity-matrix figure).
-        return self._loader(self.dataset("val", self.transform(train=False)), self.val_batch_size, shuffle=False)
+        return self._loader(self.dataset("val", self.transform(train=False)), self.val_batch_size)
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool = False) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)
+    def _loader(self, dataset: Dataset, batch_size: int, sampler: EpochSampler | None = None) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last,
-            generator=generator if shuffle else None,
+            sampler=sampler,
+            drop_last=sampler is not None,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,

@@ -19,9 +19,10 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError, DataFormatError, DataPathError
+from .sampling import EpochSampler, world_of
 from .tokenizer import eot_id, load_tokenizer, train_tokenizer
 
 TEXT_SUFFIXES = (".txt", ".md")
@@ -201,27 +202,6 @@ class SequentialWindows(Dataset):
         return chunk[:-1], chunk[1:]
 
 
-class EpochSampler(DistributedSampler):
-    """Global sample ids for one rank: epoch e covers ids [e*N, (e+1)*N), split over ranks in
-    strides. `skip` drops the first batches of `resume_epoch` that a resumed run already trained on.
-    A DistributedSampler subclass, so Lightning keeps it and calls set_epoch."""
-
-    def __init__(self, dataset: RandomWindows, num_replicas: int, rank: int, batch_size: int) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=True)
-        self.batch_size = batch_size
-        self.per_rank = len(dataset) // num_replicas // batch_size * batch_size
-        self.resume_epoch, self.skip = 0, 0
-
-    def __len__(self) -> int:
-        return self.per_rank
-
-    def __iter__(self) -> Iterator[int]:
-        skip = self.skip * self.batch_size if self.epoch == self.resume_epoch else 0
-        base = self.epoch * len(self.dataset)
-        for j in range(skip, self.per_rank):
-            yield base + j * self.num_replicas + self.rank
-
-
 class TextDataModule(L.LightningDataModule):
     def __init__(
         self,
@@ -283,23 +263,15 @@ class TextDataModule(L.LightningDataModule):
     def unigram_loss(self) -> float | None:
         return self.meta.get("unigram_loss")
 
-    def _batches_done_this_epoch(self) -> int:
-        """After a resume, the batches of the current epoch that this rank already trained on."""
-        if self.trainer is None:
-            return 0
-        return self.trainer.fit_loop.epoch_loop.batch_progress.current.completed
-
     def train_dataloader(self) -> DataLoader:
         dataset = RandomWindows(self.train_tokens, self.block_size, self.seed)
-        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        sampler = EpochSampler(dataset, world, rank, self.batch_size)
+        world, rank = world_of(self.trainer)
+        sampler = EpochSampler(dataset, world, rank, self.batch_size).resume_from(self.trainer)
         if len(sampler) == 0:
             raise ConfigError(
                 f"{len(dataset)} training windows cannot fill one batch of {self.batch_size} on {world} "
                 "device(s): lower data.batch_size or data.block_size, or add text"
             )
-        if self.trainer is not None:
-            sampler.resume_epoch, sampler.skip = self.trainer.current_epoch, self._batches_done_this_epoch()
         return self._loader(dataset, sampler)
 
     def val_dataloader(self) -> DataLoader:

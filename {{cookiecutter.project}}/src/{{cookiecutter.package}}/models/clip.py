@@ -205,10 +205,10 @@ class CLIP(nn.Module):
         num_features = self.image_tower.num_features
         self.image_proj = Linear(num_features, config.embed_dim, bias=False, std=num_features**-0.5)
         self.text_proj = Linear(config.text_width, config.embed_dim, bias=False, std=config.text_width**-0.5)
-        self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init)))
-        self.logit_bias = (
-            nn.Parameter(torch.tensor(float(config.logit_bias_init))) if config.logit_bias_init is not None else None
-        )
+        # Shape (1,), not (): FSDP2 shards every parameter along dim 0 and rejects scalars.
+        self.logit_scale = nn.Parameter(torch.full((1,), float(config.logit_scale_init)))
+        bias = config.logit_bias_init
+        self.logit_bias = nn.Parameter(torch.full((1,), float(bias))) if bias is not None else None
 
     @property
     def shard_units(self) -> tuple[type[nn.Module], ...]:
@@ -237,10 +237,10 @@ class CLIP(nn.Module):
         and torch.compile hook; calling encode_* directly would bypass them."""
         # Clamped in the forward pass rather than in-place after each optimizer step: works the same
         # on sharded parameters, and the scale the loss sees never exceeds logit_scale_max.
-        scale = self.logit_scale.clamp(max=self.config.logit_scale_max).exp()
+        scale = self.logit_scale.clamp(max=self.config.logit_scale_max).exp().squeeze(0)
         return CLIPOutput(
             self.encode_image(images) if images is not None else None,
             self.encode_text(tokens) if tokens is not None else None,
             scale,
-            self.logit_bias,
+            self.logit_bias.squeeze(0) if self.logit_bias is not None else None,
         )

@@ -129,6 +129,30 @@ def test_shapes_training_groups_differ_only_in_kind():
         ShapesDataModule(batch_size=6)
 
 
+def test_a_resumed_epoch_sees_the_same_augmented_batches(image_pairs):
+    augment = {"scale": [0.5, 1.0], "hflip": 0.5}  # random crops and flips: the images differ each draw
+    dm = module(train=str(image_pairs / "pairs.jsonl"), val_fraction=0.25, augment=augment)
+    dm.setup("fit")
+
+    def batches(epoch: int, skip: int = 0) -> list[dict]:
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(epoch)
+        loader.sampler.resume_epoch, loader.sampler.skip = epoch, skip
+        return list(loader)
+
+    full, resumed = batches(1), batches(1, skip=1)
+    assert len(resumed) == len(full) - 1 >= 1
+    for a, b in zip(full[1:], resumed):
+        assert a["caption"] == b["caption"] and torch.equal(a["image"], b["image"])
+    again = batches(2)  # the next epoch: another order, and the same item is augmented anew
+    first = {c: img for batch in full for c, img in zip(batch["caption"], batch["image"])}
+    later = {c: img for batch in again for c, img in zip(batch["caption"], batch["image"])}
+    assert any(not torch.equal(first[c], later[c]) for c in first.keys() & later.keys())
+    items, rng = dm.train_dataloader().dataset, torch.get_rng_state()
+    assert torch.equal(items[25]["image"], items[25]["image"])  # a pure function of the global id ...
+    assert torch.equal(torch.get_rng_state(), rng)  # ... that leaves the caller's random state alone
+
+
 def test_shapes_datamodule_tokenizer_is_the_same_every_time():
     one, two = ShapesDataModule(image_size=32, train_size=8, val_size=8), ShapesDataModule(image_size=32)
     one.setup("fit")

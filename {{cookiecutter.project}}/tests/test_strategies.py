@@ -2,42 +2,51 @@
 
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
 from {{cookiecutter.package}}.checkpoints import consolidate
 from {{cookiecutter.package}}.errors import ConfigError, DataPathError
+{%- if cookiecutter.clip %}
+from {{cookiecutter.package}}.modules.clip import CLIPModule
+{%- endif %}
 {%- if cookiecutter.gpt %}
-from {{cookiecutter.package}}.modules.gpt import GPTModule as Module
-{%- else %}
-from {{cookiecutter.package}}.modules.clip import CLIPModule as Module
+from {{cookiecutter.package}}.modules.gpt import GPTModule
 {%- endif %}
 from {{cookiecutter.package}}.training import build_trainer
 
-from .conftest import {% if cookiecutter.gpt %}TINY{% else %}CLIP_TINY{% endif %}, run_script
+from .conftest import {% if cookiecutter.clip %}CLIP_TINY, {% endif %}{% if cookiecutter.gpt %}TINY, {% endif %}run_script
 
 # Two CPU processes; float32 everywhere so DDP and FSDP2 compute the same thing.
 TWO_CPUS = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true", "trainer.max_steps=4"]
 FSDP = ["trainer=fsdp", "trainer.strategy.param_dtype=null", "trainer.strategy.reduce_dtype=null"]
 
-
-@pytest.fixture
-def model({% if cookiecutter.gpt %}corpus: Path{% endif %}) -> list[str]:
+# This project's networks: (LightningModule, the overrides that make it tiny).
+MODELS = {
 {%- if cookiecutter.gpt %}
-    """The tiny GPT on the test corpus."""
-    return [*TINY, f"data.paths=[{corpus}]", "callbacks.text_samples=null"]
-{%- else %}
-    """The tiny CLIP on 32 px shapes (this project has no GPT)."""
-    return [*CLIP_TINY, "callbacks.similarity=null"]
+    "gpt": (GPTModule, [*TINY, "callbacks.text_samples=null"]),  # data.paths: the test corpus, below
 {%- endif %}
+{%- if cookiecutter.clip %}
+    "clip": (CLIPModule, [*CLIP_TINY, "callbacks.similarity=null"]),  # BatchNorm in its ResNet tower
+{%- endif %}
+}
 
 
-def train_run(tmp: Path, name: str, model: list[str], data_dir: Path, *overrides: str) -> Path:
+@pytest.fixture(params=list(MODELS))
+def model(request: pytest.FixtureRequest) -> tuple[type[L.LightningModule], list[str]]:
+    module, overrides = MODELS[request.param]
+    if request.param == "gpt":
+        overrides = [*overrides, f"data.paths=[{request.getfixturevalue('corpus')}]"]
+    return module, overrides
+
+
+def train_run(tmp: Path, name: str, model: tuple[type, list[str]], data_dir: Path, *overrides: str) -> Path:
     run_dir = tmp / name
     quiet = ["callbacks.progress_bar=null", "callbacks.model_summary=null"]
     run_script(
         "train.py",
-        *model,
+        *model[1],
         f"paths.data_dir={data_dir}",
         *TWO_CPUS,
         *quiet,
@@ -62,7 +71,7 @@ def test_fsdp2_shards_saves_resumes_and_consolidates_to_the_ddp_weights(tmp_path
     full = consolidate(second / "last.ckpt", tmp_path / "full.ckpt")
     checkpoint = torch.load(full, weights_only=True)
     assert checkpoint["global_step"] == 4
-    module = Module.load_from_checkpoint(full, weights_only=True)  # a plain, unsharded model
+    module = model[0].load_from_checkpoint(full, weights_only=True)  # a plain, unsharded model
     weights = module.state_dict()
     assert weights.keys() == reference.keys()
     for key, value in reference.items():  # sharded training == replicated training, step for step

@@ -7,10 +7,12 @@ interrupted epoch that were already trained on: a resumed run sees exactly the b
 uninterrupted one would have seen.
 """
 
+import warnings
 from collections.abc import Iterator
 
 import lightning as L
 import numpy as np
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch.utils.data import Dataset, DistributedSampler
 
 
@@ -44,6 +46,10 @@ class EpochSampler(DistributedSampler):
         if trainer is not None:
             self.resume_epoch = trainer.current_epoch
             self.skip = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        if self.skip:  # Lightning cannot see that this order resumes exactly, and would warn otherwise
+            warnings.filterwarnings(
+                "ignore", "You're resuming from a checkpoint that ended before the epoch ended", PossibleUserWarning
+            )
         return self
 
 

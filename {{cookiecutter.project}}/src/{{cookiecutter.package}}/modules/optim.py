@@ -6,6 +6,8 @@ from typing import Any
 
 import torch
 
+from ..errors import ConfigError
+
 
 def build_adamw(
     params: Iterable[torch.nn.Parameter],
@@ -14,16 +16,18 @@ def build_adamw(
     betas: tuple[float, float] = (0.9, 0.95),
     eps: float = 1e-8,
     fused: bool | None = None,
+    loss_scaling: bool = False,
 ) -> torch.optim.AdamW:
     """Decay only tensors with >= 2 dims (matmul weights, embeddings); biases and norm gains keep
-    their scale. `fused=None` picks the fused CUDA kernel when every parameter is on a GPU."""
+    their scale. `fused=None` picks the fused CUDA kernel when every parameter is on a GPU, unless
+    fp16 loss scaling is on (`loss_scaling`: the fused step unscales internally, too late to clip)."""
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters reach the optimizer")
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     if fused is None:
-        fused = all(p.is_cuda for p in params)
+        fused = all(p.is_cuda for p in params) and not loss_scaling
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused)
 
@@ -58,7 +62,18 @@ def configure_adamw_cosine(
     module: Any, params: Iterable[torch.nn.Parameter], optimizer: dict[str, Any], scheduler: dict[str, Any]
 ) -> dict[str, Any]:
     """What a LightningModule's configure_optimizers returns, stepping the schedule every optimizer step."""
-    opt = build_adamw(params, **optimizer)
+    # fp16 keeps a GradScaler; bf16 and fp32 never scale the loss.
+    loss_scaling = getattr(module.trainer.precision_plugin, "scaler", None) is not None
+    if optimizer.get("fused") and loss_scaling and module.trainer.gradient_clip_val:
+        raise ConfigError(
+            "model.optimizer.fused=true cannot clip gradients (trainer.gradient_clip_val) under fp16 loss "
+            "scaling: the fused step unscales them internally. Use model.optimizer.fused=null or bf16"
+        )
+    opt = build_adamw(params, **optimizer, loss_scaling=loss_scaling)
+    if opt.defaults.get("fused") and not loss_scaling:
+        # The fused step announces that it can unscale gradients itself, and Lightning then refuses
+        # to clip them under autocast. With no loss scaler nothing is ever scaled, so the flag is moot.
+        opt._step_supports_amp_scaling = False
     total = scheduler.get("total_steps") or module.trainer.estimated_stepping_batches
     if not math.isfinite(total):
         raise ValueError("the LR schedule needs a length: set trainer.max_steps or model.scheduler.total_steps")

@@ -1,0 +1,83 @@
+"""The optimizer and schedule every module shares (modules/optim.py)."""
+
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from {{cookiecutter.package}}.errors import ConfigError
+from {{cookiecutter.package}}.modules.optim import build_adamw, configure_adamw_cosine, warmup_cosine
+
+
+def test_warmup_cosine_by_hand():
+    def f(step: int) -> float:
+        return warmup_cosine(step, warmup_steps=10, total_steps=110, min_lr_ratio=0.1)
+
+    assert f(0) == pytest.approx(0.1) and f(4) == pytest.approx(0.5)  # (step + 1) / warmup
+    assert f(10) == pytest.approx(1.0)  # the peak, then half a cosine ...
+    assert f(60) == pytest.approx(0.1 + 0.9 * 0.5)  # ... halfway down ...
+    assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)  # ... and the floor after
+
+
+def test_weight_decay_reaches_matrices_only():
+    net = nn.Sequential(nn.Embedding(10, 4), nn.LayerNorm(4), nn.Linear(4, 3))
+    opt = build_adamw(net.parameters(), lr=1e-3, weight_decay=0.1, fused=False)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert {p.ndim for p in decay["params"]} == {2} and len(decay["params"]) == 2  # embedding, linear weight
+    assert {p.ndim for p in no_decay["params"]} == {1} and len(no_decay["params"]) == 3  # norm gain/bias, bias
+
+
+class Regression(L.LightningModule):
+    def __init__(self, fused: bool) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+        self.fused = fused
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x).float(), y)
+
+    def configure_optimizers(self) -> dict:
+        optimizer = {"lr": 1e-2, "weight_decay": 0.0, "fused": self.fused}
+        return configure_adamw_cosine(self, self.parameters(), optimizer, {"warmup_steps": 0, "min_lr_ratio": 1.0})
+
+
+def fit(fused: bool, clip: float | None) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    module = Regression(fused)
+    g = torch.Generator().manual_seed(1)
+    data = DataLoader(TensorDataset(torch.randn(96, 8, generator=g), 100 * torch.randn(96, 1, generator=g)), 32)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        precision="bf16-mixed",
+        gradient_clip_val=clip,
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, data)
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def test_fused_adamw_clips_gradients_under_bf16_autocast():
+    """Lightning refuses to clip for an optimizer that can unscale gradients itself (the fused
+    kernel); under bf16 there is no loss scaling, so ours clips and matches the foreach kernel."""
+    fused, foreach, unclipped = fit(True, clip=0.01), fit(False, clip=0.01), fit(True, clip=None)
+    for key, value in foreach.items():
+        torch.testing.assert_close(fused[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    # The targets are large, so the gradients are far above 0.01: clipping changed the steps.
+    assert any(not torch.allclose(fused[k], unclipped[k], atol=1e-5) for k in fused)
+
+
+def test_fused_with_fp16_loss_scaling_and_clipping_is_one_clear_error():
+    trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=object()), gradient_clip_val=1.0)
+    module = SimpleNamespace(trainer=trainer)
+    params = nn.Linear(2, 2).parameters()
+    with pytest.raises(ConfigError, match="model.optimizer.fused=true cannot clip gradients"):
+        configure_adamw_cosine(module, params, {"lr": 1e-3, "fused": True}, {"total_steps": 10})

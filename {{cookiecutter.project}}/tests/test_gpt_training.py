@@ -13,7 +13,7 @@ from {{cookiecutter.package}} import GPTConfig
 from {{cookiecutter.package}} import train as api_train
 from {{cookiecutter.package}}.training import train
 
-from .conftest import run_script
+from .conftest import TINY, run_script
 
 
 def scalars(run_dir: Path) -> dict[str, list[float]]:
@@ -152,3 +152,25 @@ def test_python_api_trains_without_hydra(tmp_path, corpus):
     )
     assert module.trainer.global_step == 3
     assert (tmp_path / "api" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_a_learning_rate_sweep_trains_one_run_per_value(tmp_path, corpus):
+    """`python train.py -m model.optimizer.lr=1e-3,1e-2`: one run folder each, logged apart."""
+    sweep = tmp_path / "sweep"
+    run_script(
+        "train.py",
+        "-m",
+        "model.optimizer.lr=1e-3,1e-2",
+        *TINY,
+        "trainer.max_steps=2",
+        "callbacks.text_samples=null",
+        f"data.paths=[{corpus}]",
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"hydra.sweep.dir={sweep}",
+    )
+    peaks = []
+    for job in ("0", "1"):
+        assert (sweep / job / "checkpoints" / "last.ckpt").is_file(), job
+        peaks.append(torch.load(sweep / job / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"])
+    assert [p["optimizer"]["lr"] for p in peaks] == [1e-3, 1e-2]
+    assert all(scalars(sweep / job)["train/loss"] for job in ("0", "1"))

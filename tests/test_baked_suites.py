@@ -1,9 +1,10 @@
 """Each baked project's own test suite passes, for every module combination.
 
 The default project (every module) runs its whole suite. The smaller combinations run all but the
-`slow` tests (the 2-process DDP/FSDP2 runs, which the default project already runs on the same
-code): what differs between combinations is which files and config entries are baked, and every
-remaining test still exercises that."""
+`slow` tests (end-to-end subprocess runs and 2-process DDP/FSDP2 runs, which the default project
+runs on the same code): what differs between combinations is which files and config entries are
+baked, and the fast tests (every config composed, every module through fast_dev_run, the losses,
+data and models) exercise exactly that."""
 
 import os
 import sys

@@ -32,6 +32,7 @@ def test_fast_dev_run(compose_cfg):
     assert metrics["val/loss"] > 0 and 0 <= metrics["val/i2t_R@1"] <= 1
 
 
+@pytest.mark.slow
 def test_train_logs_checkpoints_evaluates_and_serves(compose_cfg, tmp_path):
     # One validation, at the end: Lightning >= 2.6 rewrites last.ckpt only when the monitored metric
     # improves, so with a single validation last.ckpt certainly holds the weights behind `metrics`.
@@ -82,6 +83,7 @@ def test_train_logs_checkpoints_evaluates_and_serves(compose_cfg, tmp_path):
     assert list(labels[0].values()) == sorted(labels[0].values(), reverse=True)
 
 
+@pytest.mark.slow
 def test_overfit_debug_config_drives_the_loss_down(compose_cfg):
     cfg = compose_cfg(
         overrides=[*CLIP_TINY, "debug=overfit", "trainer.max_steps=60", "trainer.val_check_interval=60"], tiny=False
@@ -128,6 +130,7 @@ def test_retrieval_recall_counts_unique_items_once():
     assert metrics == {"i2t_R@1": 1.0, "t2i_R@1": 1.0}
 
 
+@pytest.mark.slow
 def test_step_benchmark_runs_on_cpu_and_prints_a_table():
     proc = subprocess.run(
         [

@@ -88,6 +88,7 @@ def test_fit_trains_only_the_student_and_keeps_the_teacher_frozen_in_eval_mode(c
     assert model.teacher.training is False
 
 
+@pytest.mark.slow
 def test_train_logs_saves_the_student_and_eval_compares_it_with_the_teacher(compose_cfg, teacher, caplog):
     ckpt, teacher_metrics = teacher
     cfg = compose_cfg(overrides=distill_overrides(ckpt))

@@ -29,6 +29,7 @@ def test_fast_dev_run(compose_cfg):
     assert metrics["val/loss"] > 0
 
 
+@pytest.mark.slow
 def test_train_logs_checkpoints_and_loads_in_a_fresh_process(compose_cfg, tmp_path):
     cfg = compose_cfg()
     metrics = train(cfg)
@@ -103,6 +104,7 @@ def test_overfit_debug_config_drives_the_loss_down(compose_cfg):
     assert losses[-1] < 0.4 * losses[0], losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides, expected",
     [
@@ -131,6 +133,7 @@ def test_user_errors_are_one_clear_line(tmp_path, corpus, overrides, expected):
     assert not list((tmp_path / "cache").glob("text-*")) if (tmp_path / "cache").exists() else True
 
 
+@pytest.mark.slow
 def test_unknown_config_key_is_rejected_by_name(tmp_path):
     proc = run_script("train.py", "model.optimizer.lrr=0.1", f"hydra.run.dir={tmp_path}", check=False)
     assert proc.returncode != 0
@@ -154,6 +157,7 @@ def test_python_api_trains_without_hydra(tmp_path, corpus):
     assert (tmp_path / "api" / "checkpoints" / "last.ckpt").is_file()
 
 
+@pytest.mark.slow
 def test_a_learning_rate_sweep_trains_one_run_per_value(tmp_path, corpus):
     """`python train.py -m model.optimizer.lr=1e-3,1e-2`: one run folder each, logged apart."""
     sweep = tmp_path / "sweep"

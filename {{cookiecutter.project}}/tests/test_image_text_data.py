@@ -188,6 +188,7 @@ def test_malformed_annotations_raise_one_error_naming_the_record(image_pairs, tm
         dm.setup("fit")
 
 
+@pytest.mark.slow
 def test_train_py_reports_a_bad_record_in_one_line(image_pairs, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(

@@ -111,6 +111,6 @@ class MultiModalPipeline:
         if "{}" not in template:
             raise ValueError(f"template {template!r} needs a " + "'{}' placeholder for the label")
         similarity = self(list(template.format(label) for label in labels), images)  # (N, C)
-        scale = self.net.logit_scale.clamp(max=self.net.config.logit_scale_max).exp().float().cpu()
+        scale = self.net.scale().float().cpu()
         probabilities = (scale * similarity).softmax(dim=1)
         return [dict(sorted(zip(labels, row.tolist()), key=lambda kv: kv[1], reverse=True)) for row in probabilities]

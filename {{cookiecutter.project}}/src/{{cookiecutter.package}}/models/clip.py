@@ -231,16 +231,19 @@ class CLIP(nn.Module):
         """tokens: (B, T) -> (B, E) unit vectors."""
         return F.normalize(self.text_proj(self.text_tower(tokens)), dim=-1)
 
+    def scale(self) -> torch.Tensor:
+        """(), exp of the learnable log-scale clamped at logit_scale_max: 1 / temperature. Clamped
+        where it is read rather than in place after each optimizer step: works the same on sharded
+        parameters, and the scale the loss sees never exceeds exp(logit_scale_max)."""
+        return self.logit_scale.clamp(max=self.config.logit_scale_max).exp().squeeze(0)
+
     def forward(self, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> CLIPOutput:
         """Either input may be None (its features are then None): callers that need only one side
         (zero-shot prompts, a pipeline) still go through forward, which sharding wrappers (FSDP)
         and torch.compile hook; calling encode_* directly would bypass them."""
-        # Clamped in the forward pass rather than in-place after each optimizer step: works the same
-        # on sharded parameters, and the scale the loss sees never exceeds logit_scale_max.
-        scale = self.logit_scale.clamp(max=self.config.logit_scale_max).exp().squeeze(0)
         return CLIPOutput(
             self.encode_image(images) if images is not None else None,
             self.encode_text(tokens) if tokens is not None else None,
-            scale,
+            self.scale(),
             self.logit_bias.squeeze(0) if self.logit_bias is not None else None,
         )

@@ -32,6 +32,7 @@ MODULE_OWNED = {
         "configs/experiment/demo.yaml",
         "configs/generate.yaml",
         "generate.py",
+        "benchmarks/gpt_step.py",
         "tests/test_gpt_model.py",
         "tests/test_text_data.py",
         "tests/test_gpt_training.py",

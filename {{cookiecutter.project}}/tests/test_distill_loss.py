@@ -210,3 +210,28 @@ def test_working_memory_is_bounded_by_the_chunk_at_gpt2_vocabulary_size():
     gradient = student.numel() * student.element_size()  # what backward returns for any loss
     block = chunk * padded * 4
     assert extra <= gradient + 3 * block + 64 * 2**20, (extra / 2**20, gradient / 2**20, block / 2**20)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["forward", "reverse"])
+def test_compiled_chunk_kernels_equal_the_eager_ones(kind):
+    """On GPUs the per-chunk forward and gradient run through torch.compile (losses/distill.py `_kernel`).
+    The same compilation on the CPU must give the eager numbers, padded rows included."""
+    from {{cookiecutter.package}}.losses.distill import _chunk_grad, _chunk_sums
+
+    torch._dynamo.reset()
+    student, teacher, labels = random_case(seed=11, B=2, T=16)
+    s, t, y = student.flatten(0, 1), teacher.flatten(0, 1), labels.flatten()
+    valid = y != IGNORE
+    safe = torch.where(valid, y, 0)
+    s[~valid] = float("inf")  # a padded row holding anything must not leak into the sums or gradient
+    args = (2.0, kind == "reverse", 64, torch.float32)
+    w_kl, w_ce = torch.tensor(0.3), torch.tensor(0.05)
+    eager_sums = _chunk_sums(s, t, safe, valid, *args)
+    compiled_sums = torch.compile(_chunk_sums, dynamic=False)(s, t, safe, valid, *args)
+    torch.testing.assert_close(compiled_sums, eager_sums, rtol=1e-5, atol=1e-5)
+    assert all(torch.isfinite(x) for x in eager_sums)
+    eager_grad = _chunk_grad(s, t, safe, valid, w_kl, w_ce, *args)
+    compiled_grad = torch.compile(_chunk_grad, dynamic=False)(s, t, safe, valid, w_kl, w_ce, *args)
+    torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-5, atol=1e-6)
+    assert compiled_grad[~valid].eq(0).all() and compiled_grad[valid].abs().sum() > 0

@@ -1,6 +1,8 @@
 """The GPT path end to end on the CPU: train, checkpoints, resume, TensorBoard, eval.py, generate.py."""
 
+import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +15,7 @@ from {{cookiecutter.package}} import GPTConfig
 from {{cookiecutter.package}} import train as api_train
 from {{cookiecutter.package}}.training import train
 
-from .conftest import TINY, run_script
+from .conftest import ROOT, TINY, run_script
 
 
 def scalars(run_dir: Path) -> dict[str, list[float]]:
@@ -178,3 +180,41 @@ def test_a_learning_rate_sweep_trains_one_run_per_value(tmp_path, corpus):
         peaks.append(torch.load(sweep / job / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"])
     assert [p["optimizer"]["lr"] for p in peaks] == [1e-3, 1e-2]
     assert all(scalars(sweep / job)["train/loss"] for job in ("0", "1"))
+
+
+def load_step_benchmark():
+    spec = importlib.util.spec_from_file_location("gpt_step", ROOT / "benchmarks" / "gpt_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_step_benchmark_runs_each_variant_in_its_own_process_and_prints_a_table(capsys):
+    bench = load_step_benchmark()
+    argv = ["--device=cpu", "--dtype=fp32", "--batch=2", "--seq-len=16", "--warmup=1", "--steps=2"]
+    argv += ["--variant", "foreach", "--variant", "fused", "optimizer=fused", "--profile", "fused"]
+    rows = bench.main(argv)
+    assert [(r["variant"], r["optimizer"], r["compile"]) for r in rows] == [
+        ("foreach", "foreach", "none"),
+        ("fused", "fused", "none"),
+    ]
+    assert all(r["ms"] > 0 and r["tokens_per_s"] > 0 and r["mfu"] is None for r in rows)  # no peak FLOP/s on a CPU
+    out = capsys.readouterr().out
+    assert "most expensive kernels" in out and "aten::mm" in out  # the profiled variant's kernel table
+    assert "tiny | cpu | fp32 | batch 2 x seq 16" in out and "tokens_per_s" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--variant", "compile=full"], "start with a name"),
+        (["--variant", "a", "compile=whole"], r"compile='whole'; expected one of \['none', 'blocks', 'full'\]"),
+        (["--variant", "a", "speed=11"], "is not KEY=VALUE with KEY one of"),
+        (["--variant", "a", "--variant", "a"], "names must differ"),
+        (["--variant", "a", "--profile", "b"], "--profile 'b': no such variant"),
+    ],
+)
+def test_step_benchmark_rejects_bad_variants_by_name(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        load_step_benchmark().parse_args(argv)
+    assert re.search(message, capsys.readouterr().err)

@@ -35,6 +35,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 if str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
 
+from {{cookiecutter.package}}.benchmark import check_step_args  # noqa: E402
 from {{cookiecutter.package}}.losses.distill import KINDS, distillation_loss  # noqa: E402
 from {{cookiecutter.package}}.models.gpt import GPT, GPT_PRESETS, GPTConfig  # noqa: E402
 from {{cookiecutter.package}}.modules.optim import build_adamw  # noqa: E402
@@ -62,11 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="timed steps (the median is reported)")
     p.add_argument("--rows", default=",".join(ROWS), help="which rows to run, comma-separated")
     args = p.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
-    for name in ("batch", "seq_len", "steps"):
-        if getattr(args, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be positive")
+    check_step_args(p, args)
     unknown = set(args.rows.split(",")) - set(ROWS)
     if unknown:
         p.error(f"--rows: unknown {sorted(unknown)}; choose from {','.join(ROWS)}")

@@ -45,6 +45,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 if str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
 
+from {{cookiecutter.package}}.benchmark import check_step_args  # noqa: E402
 from {{cookiecutter.package}}.callbacks.throughput import peak_flops  # noqa: E402
 from {{cookiecutter.package}}.models.gpt import GPT, GPT_PRESETS, GPTConfig  # noqa: E402
 from {{cookiecutter.package}}.modules.optim import build_adamw  # noqa: E402
@@ -99,11 +100,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", default=None, metavar="NAME", help="print this variant's most expensive kernels")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one variant, print JSON
     args = p.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
-    for name in ("batch", "seq_len", "steps"):
-        if getattr(args, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be positive")
+    check_step_args(p, args)
     try:
         args.variants = [parse_variant(v) for v in (args.variant or [["eager"]])]
     except ValueError as e:

@@ -212,6 +212,7 @@ def test_step_benchmark_runs_each_variant_in_its_own_process_and_prints_a_table(
         (["--variant", "a", "speed=11"], "is not KEY=VALUE with KEY one of"),
         (["--variant", "a", "--variant", "a"], "names must differ"),
         (["--variant", "a", "--profile", "b"], "--profile 'b': no such variant"),
+        (["--batch", "0"], "--batch must be positive"),
     ],
 )
 def test_step_benchmark_rejects_bad_variants_by_name(argv, message, capsys):

@@ -4,6 +4,7 @@ Steps are timed with CUDA events on GPUs (host clocks on CPUs) after `warmup` un
 absorb torch.compile, cuDNN autotuning and allocator growth. The table reports the median step.
 """
 
+import argparse
 import logging
 import statistics
 import time
@@ -66,6 +67,16 @@ class StepTimer(L.Callback):
             torch.cuda.synchronize()
             self.times_ms = [s.elapsed_time(e) for s, e in reversed(self._pending)]
             self._pending.clear()
+
+
+def check_step_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The shared argument checks of the step benchmarks in benchmarks/: a usable --device, and a
+    positive --batch, --seq-len and --steps. Exits through parser.error, naming the argument."""
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+    for name in ("batch", "seq_len", "steps"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
 
 
 def run_benchmark(cfg: DictConfig) -> dict[str, Any]:

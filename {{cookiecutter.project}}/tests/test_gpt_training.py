@@ -189,6 +189,7 @@ def load_step_benchmark():
     return bench
 
 
+@pytest.mark.slow
 def test_step_benchmark_runs_each_variant_in_its_own_process_and_prints_a_table(capsys):
     bench = load_step_benchmark()
     argv = ["--device=cpu", "--dtype=fp32", "--batch=2", "--seq-len=16", "--warmup=1", "--steps=2"]

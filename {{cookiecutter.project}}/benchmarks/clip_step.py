@@ -12,9 +12,7 @@ meta tensors (3x the forward: backward costs two forwards); MFU uses the device'
 """
 
 import argparse
-import statistics
 import sys
-import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # runs from a clone without `pip install`
 
+from {{cookiecutter.package}}.benchmark import median_step_ms  # noqa: E402
 from {{cookiecutter.package}}.callbacks.throughput import peak_flops  # noqa: E402
 from {{cookiecutter.package}}.losses.contrastive import build_contrastive_loss  # noqa: E402
 from {{cookiecutter.package}}.models.clip import CLIP, CLIP_PRESETS, CLIPConfig  # noqa: E402
@@ -120,24 +119,9 @@ def run(config: CLIPConfig, batch_size: int, args: argparse.Namespace) -> dict[s
         if cuda:
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
-        times_ms = []
-        for _ in range(args.steps):
-            if cuda:  # events on the stream: GPU time of the step, no host sync inside the loop
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                step()
-                end.record()
-                times_ms.append((start, end))
-            else:
-                t0 = time.perf_counter()
-                step()
-                times_ms.append((time.perf_counter() - t0) * 1e3)
-        if cuda:
-            torch.cuda.synchronize(device)
-            times_ms = [s.elapsed_time(e) for s, e in times_ms]
+        ms = median_step_ms(step, args.steps, device)
     except torch.OutOfMemoryError:
         return {"batch": batch_size, "status": "OOM"}
-    ms = statistics.median(times_ms)
     flops = flops_per_sample(config, size) * batch_size / (ms / 1e3)
     peak = peak_flops(device, lightning_precision)
     return {

@@ -22,9 +22,7 @@ Runs from a checkout: the project's src/ is put on the path when the package is 
 import argparse
 import gc
 import itertools
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -35,7 +33,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 if str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
 
-from {{cookiecutter.package}}.benchmark import check_step_args  # noqa: E402
+from {{cookiecutter.package}}.benchmark import check_step_args, median_step_ms  # noqa: E402
 from {{cookiecutter.package}}.losses.distill import KINDS, distillation_loss  # noqa: E402
 from {{cookiecutter.package}}.models.gpt import GPT, GPT_PRESETS, GPTConfig  # noqa: E402
 from {{cookiecutter.package}}.modules.optim import build_adamw  # noqa: E402
@@ -98,33 +96,6 @@ def overrides(pairs: list[str]) -> dict[str, int | float | bool]:
     return out
 
 
-class Timer:
-    """Per-step durations in ms: CUDA events read once at the end (no host sync per step), or host clocks."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
-        self.host_ms: list[float] = []
-
-    def time(self, fn: Callable[[], None]) -> None:
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            self.events.append((start, end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            self.host_ms.append((time.perf_counter() - t0) * 1e3)
-
-    def median_ms(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-            return statistics.median(s.elapsed_time(e) for s, e in self.events)
-        return statistics.median(self.host_ms)
-
-
 def measure(name: str, step: Callable[[], None], args: argparse.Namespace, device: torch.device) -> dict:
     """Warm up, then time `step`; peak memory is this row's alone."""
     if device.type == "cuda":
@@ -133,10 +104,7 @@ def measure(name: str, step: Callable[[], None], args: argparse.Namespace, devic
     try:
         for _ in range(args.warmup):
             step()
-        timer = Timer(device)
-        for _ in range(args.steps):
-            timer.time(step)
-        ms = timer.median_ms()
+        ms = median_step_ms(step, args.steps, device)
     except torch.OutOfMemoryError:
         return {"row": name, "ms": None, "peak_gib": None, "note": "out of memory"}
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None

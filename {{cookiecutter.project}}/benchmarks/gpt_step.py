@@ -30,9 +30,9 @@ device's dense peak. `--profile NAME` also prints that variant's 20 most expensi
 
 import argparse
 import importlib.util
+import itertools
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -45,7 +45,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 if str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
 
-from {{cookiecutter.package}}.benchmark import check_step_args  # noqa: E402
+from {{cookiecutter.package}}.benchmark import check_step_args, median_step_ms  # noqa: E402
 from {{cookiecutter.package}}.callbacks.throughput import peak_flops  # noqa: E402
 from {{cookiecutter.package}}.models.gpt import GPT, GPT_PRESETS, GPTConfig  # noqa: E402
 from {{cookiecutter.package}}.modules.optim import build_adamw  # noqa: E402
@@ -60,15 +60,7 @@ LEVERS = {
     "fp8": ("none", "tensorwise", "rowwise"),
     "fp8_head": ("0", "1"),
 }
-DEFAULTS = {
-    "compile": "none",
-    "mode": "default",
-    "optimizer": "foreach",
-    "attention": "auto",
-    "tuning": "0",
-    "fp8": "none",
-    "fp8_head": "0",
-}
+DEFAULTS = {key: values[0] for key, values in LEVERS.items()}  # a lever a variant does not set
 
 
 def parse_variant(words: list[str]) -> tuple[str, dict[str, str]]:
@@ -154,8 +146,10 @@ def run_one(args: argparse.Namespace, name: str, levers: dict[str, str]) -> dict
         for _ in range(4)
     ]
 
-    def step(i: int) -> None:
-        tokens = batches[i % len(batches)]
+    count = itertools.count()
+
+    def step() -> None:
+        tokens = batches[next(count) % len(batches)]
         with autocast:
             loss = loss_fn(tokens[:, :-1], tokens[:, 1:])
         loss.backward()
@@ -165,29 +159,13 @@ def run_one(args: argparse.Namespace, name: str, levers: dict[str, str]) -> dict
 
     cuda = device.type == "cuda"
     t_compile = time.perf_counter()
-    for i in range(args.warmup):
-        step(i)
+    for _ in range(args.warmup):
+        step()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
     warmup_s = time.perf_counter() - t_compile
-    times: list[float] = []
-    events = []
-    for i in range(args.steps):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step(i)
-            end.record()
-            events.append((start, end))
-        else:
-            t0 = time.perf_counter()
-            step(i)
-            times.append((time.perf_counter() - t0) * 1e3)
-    if cuda:
-        torch.cuda.synchronize()
-        times = [s.elapsed_time(e) for s, e in events]
-    ms = statistics.median(times)
+    ms = median_step_ms(step, args.steps, device)
     tokens = args.batch * args.seq_len
     flops = (6 * net.num_params() + 12 * config.num_layers * config.d_model * args.seq_len) * tokens
     peak = peak_flops(device, "bf16-mixed" if args.dtype == "bf16" else "32-true")
@@ -218,8 +196,8 @@ def convert_fp8(net: GPT, recipe: str, head: bool) -> None:
 def profile_kernels(step, steps: int, cuda: bool) -> str:
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     with torch.profiler.profile(activities=activities) as prof:
-        for i in range(min(steps, 5)):
-            step(i)
+        for _ in range(min(steps, 5)):
+            step()
         if cuda:
             torch.cuda.synchronize()
     sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"

@@ -8,6 +8,7 @@ import argparse
 import logging
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -67,6 +68,27 @@ class StepTimer(L.Callback):
             torch.cuda.synchronize()
             self.times_ms = [s.elapsed_time(e) for s, e in reversed(self._pending)]
             self._pending.clear()
+
+
+def median_step_ms(step: Callable[[], None], steps: int, device: torch.device) -> float:
+    """Run `step` `steps` times; the median duration in ms. On GPUs each step is bracketed by CUDA
+    events on the stream, read once at the end (no host sync inside the loop); elsewhere host clocks."""
+    if device.type != "cuda":
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+    events = []
+    for _ in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        events.append((start, end))
+    torch.cuda.synchronize(device)
+    return statistics.median(s.elapsed_time(e) for s, e in events)
 
 
 def check_step_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -21,6 +21,8 @@ the KL, the CE and the masking into a few passes over the bf16 logits, and the f
 never reach memory. On CPUs (and in float64) the same functions run eagerly.
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -100,7 +102,9 @@ def _chunk_grad(
     return g.masked_fill_(~valid[:, None], 0.0).to(s.dtype)
 
 
-_COMPILED: dict = {}
+@functools.cache
+def _compiled(fn):
+    return torch.compile(fn, dynamic=False)
 
 
 def _kernel(fn, logits: Tensor):
@@ -110,9 +114,7 @@ def _kernel(fn, logits: Tensor):
     (benchmarks/distill_step.py, "loss only"). Eager on CPUs and in float64 (the reference tests)."""
     if logits.device.type != "cuda" or logits.dtype == torch.float64:
         return fn
-    if fn not in _COMPILED:
-        _COMPILED[fn] = torch.compile(fn, dynamic=False)
-    return _COMPILED[fn]
+    return _compiled(fn)
 
 
 class _ChunkedDistillation(torch.autograd.Function):

@@ -3,7 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from {{cookiecutter.package}}.errors import exit_on_user_error
+from {{cookiecutter.package}}.errors import exit_on_user_error, run_hydra
 from {{cookiecutter.package}}.training import evaluate
 
 
@@ -14,4 +14,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra(main)

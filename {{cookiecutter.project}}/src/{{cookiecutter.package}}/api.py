@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from .callbacks.checkpoint import ModelCheckpoint
 from .callbacks.throughput import Throughput
 from .data.text import TextDataModule
 from .models.gpt import GPTConfig

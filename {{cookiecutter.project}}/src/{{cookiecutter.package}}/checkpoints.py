@@ -1,4 +1,5 @@
-"""Turn a sharded checkpoint (FSDP2 folder, DeepSpeed ZeRO folder) into one file.
+"""Read a checkpoint file with one clear error when it is not one; turn a sharded checkpoint (FSDP2
+folder, DeepSpeed ZeRO folder) into one file:
 
     python -m {{cookiecutter.package}}.checkpoints logs/train/runs/<run>/checkpoints/last.ckpt last-full.ckpt
 
@@ -8,13 +9,50 @@ and `<Module>.load_from_checkpoint` read it, and it loads with torch.load(weight
 
 import argparse
 import os
+import pickle
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from .errors import DataPathError
+from .errors import DataFormatError, DataPathError
+
+
+def read_checkpoint(ckpt_path: str | Path, key: str = "ckpt_path") -> dict[str, Any] | None:
+    """The checkpoint at `ckpt_path` (memory-mapped: tensors are read when used), or None for a sharded
+    folder, which Lightning reads itself. A missing, truncated or foreign file is a user error that
+    names `key`, the config key that named it. torch's own message for a file it cannot unpickle
+    with weights_only=True advises weights_only=False, i.e. running code from the file: wrong here,
+    since train.py writes only tensors and plain containers."""
+    path = Path(ckpt_path)
+    if path.is_dir():
+        if is_fsdp_folder(path) or is_deepspeed_folder(path):
+            return None
+        raise DataPathError(f"{key}={str(ckpt_path)!r} is a folder but not a sharded checkpoint (FSDP2 or DeepSpeed)")
+    if not path.is_file():
+        raise DataPathError(f"{key}={str(ckpt_path)!r} does not exist (expected a .ckpt file written by train.py)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError) as e:
+        reason = str(e).splitlines()[0] if "Weights only load failed" not in str(e) else "it holds objects that are not tensors"
+        raise DataFormatError(
+            f"{key}={str(ckpt_path)!r} is not a readable checkpoint: truncated, corrupt or not written by train.py "
+            f"({reason})"
+        ) from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise DataFormatError(f"{key}={str(ckpt_path)!r} is not a Lightning checkpoint (no state_dict in it)")
+    return checkpoint
+
+
+def checkpoint_step(ckpt_path: str | Path) -> int:
+    """The optimizer step a checkpoint was written at (for a sharded folder: its meta.pt)."""
+    checkpoint = read_checkpoint(ckpt_path)
+    if checkpoint is None and is_fsdp_folder(Path(ckpt_path)):
+        checkpoint = torch.load(Path(ckpt_path) / "meta.pt", map_location="cpu", weights_only=True)
+    return int((checkpoint or {}).get("global_step", 0))
 
 
 def is_fsdp_folder(path: Path) -> bool:

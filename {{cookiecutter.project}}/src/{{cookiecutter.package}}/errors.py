@@ -1,15 +1,20 @@
 """Errors caused by the user's input (data files, paths, config values), as opposed to bugs.
 
-Entry points print these as one line naming the file, line or key, and exit with status 2; any
-other exception is a bug and keeps its traceback.
+Entry points print these as one line naming the file, line or key, and exit with status 2, and
+remove what the failed run had written (its run folder); any other exception is a bug and keeps
+its traceback.
 """
 
 import functools
+import os
+import shutil
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
-from hydra.errors import InstantiationException
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException, InstantiationException, MissingConfigException, OverrideParseException
 from omegaconf.errors import MissingMandatoryValue
 
 T = TypeVar("T")
@@ -32,10 +37,14 @@ class ConfigError(UserInputError, ValueError):
 
 
 def exit_on_user_error(fn: Callable[..., T]) -> Callable[..., T]:
-    """For entry points: a user error becomes one line on stderr and exit status 2, no traceback."""
+    """For a @hydra.main task: a user error becomes one line on stderr and exit status 2, no traceback,
+    and the run folder Hydra made for the failed run is removed (only what this run wrote in it, when
+    the folder already held something: `hydra.run.dir=` can name a folder in use)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> T:
+        run_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
+        before = _entries(run_dir)
         try:
             return fn(*args, **kwargs)
         except UserInputError as e:
@@ -46,7 +55,68 @@ def exit_on_user_error(fn: Callable[..., T]) -> Callable[..., T]:
             if not isinstance(e.__cause__, (UserInputError, ValueError)):
                 raise
             message = " ".join(str(e).split())
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+        if run_dir is not None:
+            _remove_run(run_dir, before)
+        fail(message)
 
     return wrapper
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _entries(folder: Path | None) -> set[str]:
+    return set(os.listdir(folder)) if folder is not None and folder.is_dir() else set()
+
+
+def _remove_run(run_dir: Path, before: set[str]) -> None:
+    """Hydra writes .hydra/ and the log file before the task starts: a folder with only those (and
+    what the task added) is this run's alone and goes whole, with the parents it leaves empty
+    (logs/<task>/runs/ of a first run). Otherwise only what the task added goes."""
+    logging_files = {".hydra", *(Path(h.baseFilename).name for h in _file_handlers())}
+    if before <= logging_files:
+        for handler in _file_handlers():
+            handler.close()
+        shutil.rmtree(run_dir, ignore_errors=True)
+        parent = run_dir.parent
+        while parent != parent.parent and parent.is_dir() and not any(parent.iterdir()) and parent != Path.cwd():
+            parent.rmdir()
+            parent = parent.parent
+        return
+    for name in _entries(run_dir) - before:
+        path = run_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def _file_handlers() -> list[Any]:
+    import logging
+
+    return [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+
+
+def run_hydra(main: Callable[[], Any]) -> None:
+    """Run a @hydra.main entry point; a config that cannot be composed (an unknown group option or key,
+    an override Hydra cannot parse) is one line and exit status 2 as well. Hydra's own report of these
+    is several lines and exit status 1; HYDRA_FULL_ERROR=1 makes it raise them instead."""
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")
+    try:
+        main()
+    except MissingConfigException as e:  # model=gtp
+        group = e.missing_cfg_file.rsplit("/", 1)
+        if e.options and len(group) == 2:
+            fail(f"{group[0]}={group[1]}: no such option; choose one of {', '.join(sorted(e.options))}")
+        fail(" ".join(str(e).split("\n\n")[0].split()))
+    except OverrideParseException as e:  # model.optimizer.lr=[1
+        fail(f"cannot read the override {e.override!r}: {str(e).splitlines()[0].split(' See https')[0]}")
+    except ConfigCompositionException as e:  # model.optimizer.lrr=0.1
+        cause = e.__cause__
+        detail = str(cause).splitlines()[0] if cause is not None else ""
+        first = str(e).splitlines()[0].rstrip(".")
+        fail(f"{first}: {detail}" + _append_hint(str(e)) if detail else " ".join(str(e).split()))
+
+
+def _append_hint(message: str) -> str:
+    hint = [line for line in message.splitlines() if line.startswith("To append to your config use ")]
+    return f" ({hint[0][0].lower()}{hint[0][1:]})" if hint else ""

@@ -1,13 +1,15 @@
 """Autoregressive sampling from a GPT (temperature, top-k, nucleus top-p), and loading one from a checkpoint."""
 
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 from tokenizers import Tokenizer
 
-from .data.tokenizer import eot_id
-from .errors import ConfigError, DataPathError
+from .checkpoints import read_checkpoint
+from .data.tokenizer import decode_utf8, eot_id
+from .errors import ConfigError, DataFormatError, DataPathError
 from .models.gpt import GPT, GPTConfig
 
 
@@ -68,22 +70,19 @@ def complete(
     ids = tokenizer.encode(prompt).ids or [eot_id(tokenizer)]  # an empty prompt starts a new document
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     out = generate(model, idx, max_new_tokens, temperature, top_k, top_p, generator)
-    return tokenizer.decode(out[0, len(ids) :].tolist())
+    return decode_utf8(tokenizer, out[0, len(ids) :].tolist())  # whole characters only
 
 
 def load_gpt_checkpoint(ckpt_path: str, key: str = "ckpt_path") -> tuple[GPT, Tokenizer]:
     """The GPT `net` of a checkpoint train.py wrote (a GPT run, or a distillation run, whose `net` is
     the student) and the tokenizer saved in it, on the CPU in train mode. `key` is the config key
     that named the file, for the error messages."""
-    path = Path(ckpt_path)
-    if path.is_dir():
+    checkpoint = read_checkpoint(ckpt_path, key)
+    if checkpoint is None:
         raise DataPathError(
             f"{key}={ckpt_path!r} is a sharded checkpoint folder; consolidate it into one file first: "
             f"python -m {__package__}.checkpoints {ckpt_path} full.ckpt"
         )
-    if not path.is_file():
-        raise DataPathError(f"{key}={ckpt_path!r} is not a file (expected a .ckpt written by train.py)")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     tokenizer_json = next(
         (v["tokenizer"] for v in checkpoint.values() if isinstance(v, dict) and v.get("tokenizer")), None
     )
@@ -104,12 +103,31 @@ def load_checkpoint_for_generation(ckpt_path: str, device: str = "cpu") -> tuple
     return model.to(device).eval(), tokenizer
 
 
-def sample_from_checkpoint(cfg: Any) -> list[str]:
-    """generate.py: cfg has ckpt_path, prompt, num_samples, max_new_tokens, temperature, top_k, top_p, seed, device."""
+def read_prompt(cfg: Any) -> str:
+    """cfg.prompt, or the text of cfg.prompt_file ("-": standard input), for prompts that are long or
+    awkward to quote on a command line."""
+    if not cfg.get("prompt_file"):
+        return cfg.prompt
+    if cfg.prompt:
+        raise ConfigError("set prompt or prompt_file, not both")
+    if cfg.prompt_file == "-":
+        return sys.stdin.read()
+    path = Path(cfg.prompt_file)
+    if not path.is_file():
+        raise DataPathError(f"prompt_file={cfg.prompt_file!r} does not exist")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataFormatError(f"prompt_file={cfg.prompt_file!r} is not UTF-8 text (byte {e.start})") from None
+
+
+def sample_from_checkpoint(cfg: Any, prompt: str) -> list[str]:
+    """generate.py: cfg has ckpt_path, num_samples, max_new_tokens, temperature, top_k, top_p, seed, device.
+    Returns the continuations of `prompt` (see read_prompt)."""
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_checkpoint_for_generation(cfg.ckpt_path, device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     return [
-        complete(model, tokenizer, cfg.prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, generator)
+        complete(model, tokenizer, prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, generator)
         for _ in range(cfg.num_samples)
     ]

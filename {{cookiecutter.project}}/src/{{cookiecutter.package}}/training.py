@@ -7,10 +7,14 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from .errors import ConfigError, DataPathError
+from .callbacks.hparams import HParamsSession
+from .checkpoints import checkpoint_step, read_checkpoint
+from .errors import ConfigError
+from .overrides import check_overrides
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +34,26 @@ CUDA_ONLY = {
 }
 
 
-def build_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:
+def check_accelerator(cfg: DictConfig) -> None:
+    """A GPU preset (trainer=gpu/ddp/fsdp/bf16...) on a machine without CUDA: say what runs instead."""
+    accelerator = str(cfg.trainer.get("accelerator"))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        preset = choice("trainer") or "this trainer preset"
+        # devices=-1 means every GPU; on the CPU it must be a count: 2 processes check a multi-process strategy.
+        fix = "trainer.accelerator=cpu" + (" trainer.devices=2" if cfg.trainer.get("devices") == -1 else "")
+        raise ConfigError(
+            f"trainer={preset} runs on CUDA GPUs (trainer.accelerator={accelerator}) and this machine has none: "
+            f"add {fix} to run it on the CPU, or use trainer=cpu"
+        )
+
+
+def choice(group: str) -> str | None:
+    """The option picked for a config group (`trainer=ddp` -> "ddp"), when run through Hydra."""
+    return HydraConfig.get().runtime.choices.get(group) if HydraConfig.initialized() else None
+
+
+def build_trainer(cfg: DictConfig, callbacks: list[L.Callback] | None = None, **overrides: Any) -> L.Trainer:
+    check_accelerator(cfg)
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     strategy = trainer_cfg.get("strategy")
     if isinstance(strategy, dict):  # a strategy object with settings (FSDP, DeepSpeed)
@@ -38,9 +61,8 @@ def build_trainer(cfg: DictConfig, **overrides: Any) -> L.Trainer:
         if name in CUDA_ONLY and not torch.cuda.is_available():
             raise ConfigError(f"trainer.strategy {name} needs CUDA GPUs and none is available; use {CUDA_ONLY[name]}")
         trainer_cfg["strategy"] = instantiate(strategy, _convert_="all")
-    return instantiate(
-        trainer_cfg, callbacks=build_callbacks(cfg), logger=build_loggers(cfg) or False, _convert_="all", **overrides
-    )
+    callbacks = build_callbacks(cfg) + list(callbacks or [])
+    return instantiate(trainer_cfg, callbacks=callbacks, logger=build_loggers(cfg) or False, _convert_="all", **overrides)
 
 
 def metrics_of(trainer: L.Trainer) -> dict[str, float]:
@@ -49,26 +71,31 @@ def metrics_of(trainer: L.Trainer) -> dict[str, float]:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the configured model on the configured data; returns the last logged metrics."""
+    check_overrides(cfg)
+    if cfg.get("ckpt_path"):
+        read_checkpoint(cfg.ckpt_path)  # a missing or broken file fails here, before anything is built
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data, _convert_="all")
     model = instantiate(cfg.model, _convert_="all")
-    trainer = build_trainer(cfg)
     resolved = {
         k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
         for k, v in cfg.items()
         if k != "hydra"
     }
+    # The resolved config with the run's metrics in TensorBoard's HPARAMS tab (callbacks/hparams.py).
+    trainer = build_trainer(cfg, callbacks=[HParamsSession(resolved)])
     for logger in trainer.loggers:
-        logger.log_hyperparams(resolved)  # the whole resolved config, as TensorBoard's HPARAMS
+        logger.log_hyperparams(resolved)  # hparams.yaml beside the events
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = metrics_of(trainer)
     if trainer.is_global_zero:
-        report(trainer, datamodule, metrics)
+        report(trainer.global_step, trainer, datamodule, metrics)
     return metrics
 
 
-def report(trainer: L.Trainer, datamodule: L.LightningDataModule, metrics: dict[str, float]) -> None:
+def report(step: int, trainer: L.Trainer, datamodule: L.LightningDataModule, metrics: dict[str, float]) -> None:
+    """Log the validation metrics of the weights at optimizer step `step`, and where the checkpoints are."""
     lines = [f"{k:>28s}  {v:.4f}" for k, v in sorted(metrics.items()) if k.startswith("val/")]
     baseline = getattr(datamodule, "unigram_loss", None)
     if baseline is not None and "val/loss" in metrics:
@@ -79,18 +106,16 @@ def report(trainer: L.Trainer, datamodule: L.LightningDataModule, metrics: dict[
     if ckpt is not None and ckpt.last_model_path:
         lines.append(f"{'last checkpoint':>28s}  {ckpt.last_model_path}")
     if lines:
-        log.info("results after %d steps:\n%s", trainer.global_step, "\n".join(lines))
+        log.info("results after %d steps:\n%s", step, "\n".join(lines))
 
 
 def check_checkpoint_fits(module_class: type, ckpt_path: str) -> None:
     """A checkpoint of another module (eval.py model=distill on a GPT run, say) is a user error, not a
     TypeError from deep inside Lightning: name what the module needs and what the file holds."""
-    path = Path(ckpt_path)
-    if not path.exists():
-        raise DataPathError(f"ckpt_path {ckpt_path!r} does not exist")
-    if not path.is_file():
+    checkpoint = read_checkpoint(ckpt_path)
+    if checkpoint is None:
         return  # a sharded folder: Lightning reads it
-    hparams = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
+    hparams = checkpoint.get("hyper_parameters", {})
     required = [
         name
         for name, p in inspect.signature(module_class.__init__).parameters.items()
@@ -106,13 +131,20 @@ def check_checkpoint_fits(module_class: type, ckpt_path: str) -> None:
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Validate a checkpoint written by train.py on the configured data."""
+    check_overrides(cfg)
     module_class = get_class(cfg.model._target_)
     check_checkpoint_fits(module_class, cfg.ckpt_path)
-    model = module_class.load_from_checkpoint(cfg.ckpt_path, map_location="cpu", weights_only=True)
+    try:
+        model = module_class.load_from_checkpoint(cfg.ckpt_path, map_location="cpu", weights_only=True)
+    except (ValueError, TypeError, KeyError, RuntimeError) as e:  # its network config or weights fit another module
+        raise ConfigError(
+            f"checkpoint {cfg.ckpt_path} does not fit model={choice('model') or module_class.__name__} "
+            f"({str(e).splitlines()[0]}): pass the model= option of the run that wrote it"
+        ) from None
     datamodule = instantiate(cfg.data, _convert_="all")
     trainer = build_trainer(cfg)
     trainer.validate(model, datamodule=datamodule)
     metrics = metrics_of(trainer)
     if trainer.is_global_zero:
-        report(trainer, datamodule, metrics)
+        report(checkpoint_step(cfg.ckpt_path), trainer, datamodule, metrics)
     return metrics

@@ -1,4 +1,4 @@
-"""The progress bar, without a host sync in every training step.
+"""The progress bar, without a host sync in every training step; progress lines for the run's log file.
 
 Lightning's rich progress bar reads the logged metrics after every batch, and reading them turns
 each tensor (the loss) into a Python number: the CPU waits there for the GPU to finish the step,
@@ -7,6 +7,8 @@ so it cannot queue the next step's kernels while the GPU works. This bar reads t
 every batch.
 """
 
+import logging
+import time
 from typing import Any
 
 import lightning as L
@@ -26,3 +28,44 @@ class ProgressBar(RichProgressBar):
         if stale:  # outside training steps (validation, epoch ends) always read afresh
             self._shown = super().get_metrics(trainer, pl_module)
         return self._shown
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        # Lightning writes "Epoch 4/{max_epochs - 1}": "Epoch 4/-2" when the run's length is
+        # trainer.max_steps (max_epochs -1: no epoch limit). Then the epoch stands alone.
+        if self.trainer.max_epochs is not None and self.trainer.max_epochs >= 0:
+            return super()._get_train_description(current_epoch)
+        return f"Epoch {current_epoch}".ljust(len(self.validation_description))
+
+
+class LogProgress(L.Callback):
+    """Every `every_n_steps` optimizer steps, one line to the `<package>.progress` logger: step,
+    epoch, the latest logged metrics and the time left. configs/hydra/default.yaml sends that logger
+    to the run's log file only, so the file shows how training goes while the terminal keeps the bar.
+    Reading the metrics syncs with the GPU, so not every step."""
+
+    def __init__(self, every_n_steps: int = 50) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"callbacks.log_progress.every_n_steps must be at least 1, got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+        self.log = logging.getLogger(__name__.rsplit(".", 2)[0] + ".progress")
+        self._start: tuple[float, int] | None = None  # (time, step) when fitting started
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = (time.monotonic(), trainer.global_step)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if step == 0 or step % self.every_n_steps or not trainer.is_global_zero or self._start is None:
+            return
+        if getattr(self, "_logged_step", None) == step:  # gradient accumulation: several batches per step
+            return
+        self._logged_step = step
+        metrics = " ".join(
+            f"{k} {float(v):.4g}" for k, v in sorted(trainer.callback_metrics.items()) if v.numel() == 1
+        )
+        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        line = f"step {step}/{total}" if total else f"step {step}"
+        elapsed, done = time.monotonic() - self._start[0], step - self._start[1]
+        if total and done > 0:
+            line += f" (ETA {(total - step) * elapsed / done:.0f} s)"
+        self.log.info("%s | epoch %d | %s", line, trainer.current_epoch, metrics)

@@ -143,6 +143,9 @@ def build_cache(
                     n_tokens += flush()
             if batch:
                 n_tokens += flush()
+        if n_tokens == 0:  # np.memmap cannot map an empty file: say which files held nothing
+            names = ", ".join(str(p) for p in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+            raise DataFormatError(f"no documents in {names} (data.paths): the files are empty")
         n_val = int(n_tokens * val_fraction)
         tokens = np.memmap(tmp / "tokens.bin", dtype=dtype, mode="r")
         sample = slice(0, min(n_tokens - n_val, 10_000_000))  # enough tokens for the frequencies

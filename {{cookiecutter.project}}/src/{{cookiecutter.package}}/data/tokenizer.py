@@ -1,5 +1,6 @@
 """Byte-level BPE tokenizer (Hugging Face `tokenizers`): trained on the corpus, or loaded from a file."""
 
+import codecs
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -46,3 +47,35 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 def eot_id(tokenizer: Tokenizer) -> int:
     return tokenizer.token_to_id(EOT)
+
+
+def _byte_symbols() -> dict[str, int]:
+    """The byte-level alphabet: each of the 256 bytes is one printable character in a token's text.
+    Printable Latin-1 bytes stand for themselves; the others (controls, space, ...) are shifted to
+    the characters from U+0100 on, in byte order (so a leading space shows as 'Ġ', U+0120)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in printable]
+    symbols = {chr(b): b for b in printable}
+    symbols.update({chr(256 + i): b for i, b in enumerate(shifted)})
+    return symbols
+
+
+BYTE_OF_SYMBOL = _byte_symbols()
+
+
+def decode_utf8(tokenizer: Tokenizer, ids: Iterable[int]) -> str:
+    """The text of `ids` with only whole UTF-8 characters.
+
+    One character can span several byte-level tokens (an emoji is 4 bytes, often 2-4 tokens), and a
+    sampled sequence can stop inside one or hold a stray continuation byte. `Tokenizer.decode` turns
+    each such fragment into U+FFFD; here the token bytes are joined first and decoded as one stream,
+    an unfinished last character is left out and stray bytes are dropped. Special tokens (EOT) are
+    skipped, as `Tokenizer.decode` skips them.
+    """
+    special = set(tokenizer.get_added_tokens_decoder())
+    data = bytearray()
+    for i in ids:
+        if i not in special:
+            data.extend(BYTE_OF_SYMBOL[c] for c in tokenizer.id_to_token(i))
+    # final=False: the bytes of an unfinished character at the end are held back, not replaced.
+    return codecs.getincrementaldecoder("utf-8")(errors="ignore").decode(bytes(data), final=False)

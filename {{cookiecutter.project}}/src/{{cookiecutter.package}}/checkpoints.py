@@ -37,7 +37,8 @@ def read_checkpoint(ckpt_path: str | Path, key: str = "ckpt_path") -> dict[str, 
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError) as e:
-        reason = str(e).splitlines()[0] if "Weights only load failed" not in str(e) else "it holds objects that are not tensors"
+        # torch's text for a pickle it will not run suggests weights_only=False: not repeated here.
+        reason = "it holds objects that are not tensors" if "weights_only" in str(e) else str(e).splitlines()[0]
         raise DataFormatError(
             f"{key}={str(ckpt_path)!r} is not a readable checkpoint: truncated, corrupt or not written by train.py "
             f"({reason})"

@@ -14,7 +14,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import ConfigCompositionException, InstantiationException, MissingConfigException, OverrideParseException
+from hydra.errors import (
+    ConfigCompositionException,
+    InstantiationException,
+    MissingConfigException,
+    OverrideParseException,
+)
 from omegaconf.errors import MissingMandatoryValue
 
 T = TypeVar("T")
@@ -46,6 +51,9 @@ def exit_on_user_error(fn: Callable[..., T]) -> Callable[..., T]:
         run_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
         before = _entries(run_dir)
         try:
+            from .overrides import check_overrides  # imports this module
+
+            check_overrides(args[0])
             return fn(*args, **kwargs)
         except UserInputError as e:
             message = str(e)

@@ -30,7 +30,10 @@ def check_overrides(cfg: DictConfig) -> None:
     texts = {
         o.input_line: (o.key_or_group, o.value())
         for o in parsed
-        if not o.is_add() and not o.is_delete() and not o.is_force_add() and isinstance(o.value(), str)
+        if not o.is_add()
+        and not o.is_delete()
+        and not o.is_force_add()
+        and isinstance(o.value(), str)
         and isinstance(OmegaConf.select(cfg, o.key_or_group, default=None), str)
     }
     if not texts:

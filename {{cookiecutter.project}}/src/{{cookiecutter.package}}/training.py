@@ -2,7 +2,6 @@
 
 import inspect
 import logging
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -14,7 +13,6 @@ from omegaconf import DictConfig, OmegaConf
 from .callbacks.hparams import HParamsSession
 from .checkpoints import checkpoint_step, read_checkpoint
 from .errors import ConfigError
-from .overrides import check_overrides
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +60,9 @@ def build_trainer(cfg: DictConfig, callbacks: list[L.Callback] | None = None, **
             raise ConfigError(f"trainer.strategy {name} needs CUDA GPUs and none is available; use {CUDA_ONLY[name]}")
         trainer_cfg["strategy"] = instantiate(strategy, _convert_="all")
     callbacks = build_callbacks(cfg) + list(callbacks or [])
-    return instantiate(trainer_cfg, callbacks=callbacks, logger=build_loggers(cfg) or False, _convert_="all", **overrides)
+    return instantiate(
+        trainer_cfg, callbacks=callbacks, logger=build_loggers(cfg) or False, _convert_="all", **overrides
+    )
 
 
 def metrics_of(trainer: L.Trainer) -> dict[str, float]:
@@ -71,7 +71,6 @@ def metrics_of(trainer: L.Trainer) -> dict[str, float]:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the configured model on the configured data; returns the last logged metrics."""
-    check_overrides(cfg)
     if cfg.get("ckpt_path"):
         read_checkpoint(cfg.ckpt_path)  # a missing or broken file fails here, before anything is built
     if cfg.get("seed") is not None:
@@ -131,7 +130,6 @@ def check_checkpoint_fits(module_class: type, ckpt_path: str) -> None:
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Validate a checkpoint written by train.py on the configured data."""
-    check_overrides(cfg)
     module_class = get_class(cfg.model._target_)
     check_checkpoint_fits(module_class, cfg.ckpt_path)
     try:

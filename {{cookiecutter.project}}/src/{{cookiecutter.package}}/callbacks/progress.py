@@ -60,9 +60,7 @@ class LogProgress(L.Callback):
         if getattr(self, "_logged_step", None) == step:  # gradient accumulation: several batches per step
             return
         self._logged_step = step
-        metrics = " ".join(
-            f"{k} {float(v):.4g}" for k, v in sorted(trainer.callback_metrics.items()) if v.numel() == 1
-        )
+        metrics = " ".join(f"{k} {float(v):.4g}" for k, v in sorted(trainer.callback_metrics.items()) if v.numel() == 1)
         total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
         line = f"step {step}/{total}" if total else f"step {step}"
         elapsed, done = time.monotonic() - self._start[0], step - self._start[1]

@@ -62,6 +62,7 @@ MODULE_FILES = {
         "tests/test_contrastive.py",
         "tests/test_image_text_data.py",
         "tests/test_clip_training.py",
+        "docs/clip.md",
     ],
 }
 

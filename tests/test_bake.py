@@ -69,6 +69,7 @@ MODULE_OWNED = {
         "tests/test_contrastive.py",
         "tests/test_image_text_data.py",
         "tests/test_clip_training.py",
+        "docs/clip.md",
     ],
 }
 DEFAULT_FILES = (Path(__file__).parent / "baked_files.txt").read_text().split()

@@ -3,6 +3,7 @@
 import json
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -160,3 +161,50 @@ def test_template_files_are_all_reachable():
     template_root = TEMPLATE / "{{cookiecutter.project}}"
     n_template = sum(1 for p in template_root.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
     assert n_template == len(DEFAULT_FILES) - 1  # the hook adds .cookiecutter.json
+
+
+@pytest.mark.parametrize(
+    "answer, message",
+    [
+        (
+            "project=Bad!Name",
+            (
+                "project 'Bad!Name': use lowercase letters, digits and single hyphens, starting with a letter "
+                "(e.g. 'my-paper')"
+            ),
+        ),
+        ("package=torch", "package 'torch' would shadow the library of that name; choose another"),
+    ],
+)
+def test_a_bad_answer_stops_the_cookiecutter_command_with_its_message_last_and_alone(tmp_path, answer, message):
+    """The real command line: the message is the only output, exit status 2, nothing written."""
+    cookiecutter = Path(sys.executable).with_name("cookiecutter")
+    out = tmp_path / "out"
+    proc = run([str(cookiecutter), "--no-input", "-o", str(out), str(TEMPLATE), answer, "git_init=no"], tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stdout == ""
+    assert proc.stderr.splitlines() == [f"deepseek-template: cannot bake this project: {message}"]
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_each_answer_is_checked_before_the_next_question(tmp_path):
+    """Interactively, a bad folder name stops the bake right after it is typed: the package question
+    (the next one) is never asked."""
+    cookiecutter = Path(sys.executable).with_name("cookiecutter")
+    answers = "My Paper\nBad!Name\nmy_paper\n" + "\n" * 12
+    proc = subprocess.run(
+        [str(cookiecutter), "-o", str(tmp_path / "out"), str(TEMPLATE)],
+        input=answers,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        check=False,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Folder and distribution name" in proc.stdout and "Python import name" not in proc.stdout
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith("deepseek-template: cannot bake this project: project 'Bad!Name'")
+    )

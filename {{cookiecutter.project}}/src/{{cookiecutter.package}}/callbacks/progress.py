@@ -47,7 +47,7 @@ class LogProgress(L.Callback):
         if every_n_steps < 1:
             raise ValueError(f"callbacks.log_progress.every_n_steps must be at least 1, got {every_n_steps}")
         self.every_n_steps = every_n_steps
-        self.log = logging.getLogger(__name__.rsplit(".", 2)[0] + ".progress")
+        self.progress_log = logging.getLogger(__name__.rsplit(".", 2)[0] + ".progress")
         self._start: tuple[float, int] | None = None  # (time, step) when fitting started
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -66,4 +66,4 @@ class LogProgress(L.Callback):
         elapsed, done = time.monotonic() - self._start[0], step - self._start[1]
         if total and done > 0:
             line += f" (ETA {(total - step) * elapsed / done:.0f} s)"
-        self.log.info("%s | epoch %d | %s", line, trainer.current_epoch, metrics)
+        self.progress_log.info("%s | epoch %d | %s", line, trainer.current_epoch, metrics)

@@ -208,3 +208,17 @@ def test_each_answer_is_checked_before_the_next_question(tmp_path):
         .splitlines()[-1]
         .startswith("deepseek-template: cannot bake this project: project 'Bad!Name'")
     )
+
+
+def test_the_template_docs_show_only_sweeps_the_baked_project_runs(bake):
+    """A sweep in this README or docs/ must be one the baked project's README or docs show too: its
+    tests/test_docs_sweeps.py runs each of those exactly as written."""
+    root = bake()
+    baked = "\n".join(p.read_text() for p in [root / "README.md", *(root / "docs").glob("*.md")])
+    shown = re.findall(
+        r"python train\.py -m [^`#\n]*",
+        "\n".join(p.read_text() for p in [TEMPLATE / "README.md", *(TEMPLATE / "docs").glob("*.md")]),
+    )
+    assert shown
+    for command in shown:
+        assert command.strip() in baked, command

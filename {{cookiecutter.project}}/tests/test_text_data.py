@@ -14,7 +14,7 @@ from {{cookiecutter.package}}.data.text import (
     read_documents,
     unigram_loss,
 )
-from {{cookiecutter.package}}.data.tokenizer import EOT, train_tokenizer
+from {{cookiecutter.package}}.data.tokenizer import EOT, decode_utf8, train_tokenizer
 from {{cookiecutter.package}}.errors import ConfigError, DataFormatError, DataPathError
 
 
@@ -62,6 +62,20 @@ def test_tokenizer_round_trips_any_text():
     assert tok.get_vocab_size() <= 300
     with pytest.raises(ConfigError, match="vocab_size must be >= 257"):
         train_tokenizer(["x"], vocab_size=100)
+
+
+def test_decoding_emits_whole_characters_only():
+    """An emoji is 4 bytes, several byte-level tokens: a sequence cut inside it (a sample that stopped
+    there) or starting with a stray continuation byte decodes without U+FFFD."""
+    tok = train_tokenizer(["the cat sat on the mat " * 50], vocab_size=300)
+    ids = tok.encode("cat 🐈 sat 🎉").ids
+    assert decode_utf8(tok, ids) == "cat 🐈 sat 🎉"
+    cut = tok.encode("cat 🐈 sat ").ids + tok.encode("🎉").ids[:-1]  # the last emoji without its last byte
+    assert tok.decode(cut).endswith("\ufffd")  # what Tokenizer.decode shows
+    assert decode_utf8(tok, cut) == "cat 🐈 sat "
+    stray = tok.encode("🐈").ids[-1:] + tok.encode("ok").ids  # a continuation byte first
+    assert decode_utf8(tok, stray) == "ok"
+    assert decode_utf8(tok, [tok.token_to_id(EOT), *tok.encode("a").ids]) == "a"  # EOT skipped, as decode does
 
 
 def test_unigram_loss_matches_hand_computation():

@@ -174,11 +174,13 @@ def compose_cfg(tmp_path: Path, data_dir: Path{% if cookiecutter.gpt %}, corpus:
     GlobalHydra.instance().clear()
 
 
-def run_script(script: str, *overrides: str, cwd: Path = ROOT, check: bool = True) -> subprocess.CompletedProcess:
+def run_script(
+    script: str, *overrides: str, cwd: Path = ROOT, check: bool = True, stdin: str | None = None
+) -> subprocess.CompletedProcess:
     """Run an entry point (train.py, eval.py, generate.py) as a user would, in a fresh process."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
-        [sys.executable, str(ROOT / script), *overrides], cwd=cwd, env=env, capture_output=True, text=True
+        [sys.executable, str(ROOT / script), *overrides], cwd=cwd, env=env, capture_output=True, text=True, input=stdin
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

@@ -72,6 +72,25 @@ def test_train_logs_checkpoints_and_loads_in_a_fresh_process(compose_cfg, tmp_pa
     assert proc.stdout.count("ROMEO:") == 2 and "sample 2" in proc.stdout
 
 
+@pytest.mark.slow
+def test_generate_takes_quoted_prompts_files_and_stdin(compose_cfg, tmp_path):
+    """The README's prompt forms: Hydra-quoted with a comma and an emoji, a file, standard input.
+    The printed text starts with the prompt and holds whole characters only (no U+FFFD)."""
+    cfg = compose_cfg()
+    train(cfg)
+    ckpt = f"ckpt_path={Path(cfg.paths.output_dir) / 'checkpoints' / 'last.ckpt'}"
+    (tmp_path / "prompt.txt").write_text("ROMEO:\nWhat light 🌅", encoding="utf-8")
+    cases = [
+        (['prompt="Good morrow, Kate 🎉"'], None, "Good morrow, Kate 🎉"),
+        ([f"prompt_file={tmp_path / 'prompt.txt'}"], None, "ROMEO:\nWhat light 🌅"),
+        (["prompt_file=-"], "Hi 🎉 there", "Hi 🎉 there"),
+    ]
+    for overrides, stdin, prompt in cases:
+        proc = run_script("generate.py", ckpt, *overrides, "max_new_tokens=40", cwd=tmp_path, stdin=stdin)
+        assert proc.stdout.startswith(prompt), (overrides, proc.stdout)
+        assert "\ufffd" not in proc.stdout and len(proc.stdout) > len(prompt) + 1
+
+
 def test_resume_continues_steps_schedule_and_data_order(compose_cfg, tmp_path):
     straight = compose_cfg(overrides=["trainer.max_steps=6", "trainer.val_check_interval=3"])
     train(straight)

@@ -61,6 +61,7 @@ def test_train_logs_checkpoints_and_loads_in_a_fresh_process(compose_cfg, tmp_pa
     ]
     proc = run_script("eval.py", f"ckpt_path={last}", "data=text", *data, f"hydra.run.dir={tmp_path / 'eval'}")
     assert f"{metrics['val/loss']:.4f}"[:-1] in proc.stderr + proc.stdout  # same data, same weights
+    assert "results after 4 steps:" in proc.stderr + proc.stdout  # the checkpoint's step (TINY: 4 steps)
     proc = run_script(
         "generate.py",
         f"ckpt_path={last}",

@@ -51,13 +51,14 @@ def choice(group: str) -> str | None:
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[L.Callback] | None = None, **overrides: Any) -> L.Trainer:
-    check_accelerator(cfg)
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     strategy = trainer_cfg.get("strategy")
     if isinstance(strategy, dict):  # a strategy object with settings (FSDP, DeepSpeed)
         name = strategy["_target_"].rsplit(".", 1)[-1]
         if name in CUDA_ONLY and not torch.cuda.is_available():
             raise ConfigError(f"trainer.strategy {name} needs CUDA GPUs and none is available; use {CUDA_ONLY[name]}")
+    check_accelerator(cfg)  # after: a CUDA-only strategy is not helped by trainer.accelerator=cpu
+    if isinstance(strategy, dict):
         trainer_cfg["strategy"] = instantiate(strategy, _convert_="all")
     callbacks = build_callbacks(cfg) + list(callbacks or [])
     return instantiate(
@@ -71,8 +72,8 @@ def metrics_of(trainer: L.Trainer) -> dict[str, float]:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit the configured model on the configured data; returns the last logged metrics."""
-    if cfg.get("ckpt_path"):
-        read_checkpoint(cfg.ckpt_path)  # a missing or broken file fails here, before anything is built
+    if cfg.get("ckpt_path"):  # a missing, broken or foreign file fails here, before anything is built
+        check_checkpoint_fits(get_class(cfg.model._target_), cfg.ckpt_path)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data, _convert_="all")

@@ -6,6 +6,7 @@ its traceback.
 """
 
 import functools
+import logging
 import os
 import shutil
 import sys
@@ -20,6 +21,7 @@ from hydra.errors import (
     MissingConfigException,
     OverrideParseException,
 )
+from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 T = TypeVar("T")
@@ -64,7 +66,8 @@ def exit_on_user_error(fn: Callable[..., T]) -> Callable[..., T]:
                 raise
             message = " ".join(str(e).split())
         if run_dir is not None:
-            _remove_run(run_dir, before)
+            log_dir = OmegaConf.select(args[0], "paths.log_dir", default=None, throw_on_resolution_failure=False)
+            _remove_run(run_dir, before, Path(log_dir).resolve() if log_dir else None)
         fail(message)
 
     return wrapper
@@ -79,17 +82,20 @@ def _entries(folder: Path | None) -> set[str]:
     return set(os.listdir(folder)) if folder is not None and folder.is_dir() else set()
 
 
-def _remove_run(run_dir: Path, before: set[str]) -> None:
+def _remove_run(run_dir: Path, before: set[str], log_dir: Path | None) -> None:
     """Hydra writes .hydra/ and the log file before the task starts: a folder with only those (and
-    what the task added) is this run's alone and goes whole, with the parents it leaves empty
-    (logs/<task>/runs/ of a first run). Otherwise only what the task added goes."""
+    what the task added) is this run's alone and goes whole, with the folders above it that it
+    leaves empty, up to and including paths.log_dir (logs/<task>/runs/ of a first run). Otherwise
+    only what the task added goes."""
     logging_files = {".hydra", *(Path(h.baseFilename).name for h in _file_handlers())}
     if before <= logging_files:
         for handler in _file_handlers():
             handler.close()
         shutil.rmtree(run_dir, ignore_errors=True)
-        parent = run_dir.parent
-        while parent != parent.parent and parent.is_dir() and not any(parent.iterdir()) and parent != Path.cwd():
+        parent = run_dir.resolve().parent
+        while log_dir is not None and (parent == log_dir or log_dir in parent.parents):
+            if not parent.is_dir() or any(parent.iterdir()):
+                break
             parent.rmdir()
             parent = parent.parent
         return
@@ -98,9 +104,7 @@ def _remove_run(run_dir: Path, before: set[str]) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-def _file_handlers() -> list[Any]:
-    import logging
-
+def _file_handlers() -> list[logging.FileHandler]:
     return [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
 
 

@@ -208,7 +208,7 @@ def test_loading_is_strict_about_everything_but_the_teacher():
 
 def test_a_missing_teacher_checkpoint_names_the_key():
     module = DistillModule(net=GPTConfig.from_name("tiny").to_dict(), teacher={"ckpt_path": "nowhere.ckpt"})
-    with pytest.raises(DataPathError, match="model.teacher.ckpt_path='nowhere.ckpt' is not a file"):
+    with pytest.raises(DataPathError, match="model.teacher.ckpt_path='nowhere.ckpt' does not exist"):
         module.configure_model()
 
 

@@ -129,6 +129,8 @@ class FSDP2Strategy(ModelParallelStrategy):
         save_distributed_checkpoint: bool = True,
         **kwargs: Any,
     ) -> None:
+        if not isinstance(prefetch, int) or prefetch < 1:
+            raise ValueError(f"trainer.strategy.prefetch={prefetch!r}: expected a positive number of units")
         for name, value in (("param_dtype", param_dtype), ("reduce_dtype", reduce_dtype)):
             if value not in DTYPES:
                 raise ValueError(f"trainer.strategy.{name}={value!r}: expected one of {sorted(map(str, DTYPES))}")

@@ -5,6 +5,9 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
 
 from {{cookiecutter.package}}.checkpoints import consolidate
 from {{cookiecutter.package}}.errors import ConfigError, DataPathError
@@ -14,6 +17,7 @@ from {{cookiecutter.package}}.modules.clip import CLIPModule
 {%- if cookiecutter.gpt %}
 from {{cookiecutter.package}}.modules.gpt import GPTModule
 {%- endif %}
+from {{cookiecutter.package}}.parallel import FSDP2Strategy, fsdp2_shard
 from {{cookiecutter.package}}.training import build_trainer
 
 from .conftest import {% if cookiecutter.clip %}CLIP_TINY, {% endif %}{% if cookiecutter.gpt %}TINY, {% endif %}run_script
@@ -91,3 +95,51 @@ def test_cuda_only_presets_fail_at_once_on_cpu_saying_what_to_use(compose_cfg, p
     cfg = compose_cfg(overrides=[f"trainer={preset}"])
     with pytest.raises(ConfigError, match="needs CUDA GPUs.*use trainer=ddp"):
         build_trainer(cfg)
+
+
+class Unit(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+
+class Stack(nn.Module):
+    shard_units = (Unit,)
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.units = nn.ModuleList(Unit() for _ in range(n))
+
+
+@pytest.fixture
+def one_rank_mesh():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield init_device_mesh("cpu", (1,))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("reshard", [True, False])
+def test_fsdp2_keeps_the_last_unit_gathered_and_prefetches_as_configured(one_rank_mesh, reshard):
+    stack = Stack(4)
+    fsdp2_shard(stack, one_rank_mesh, reshard_after_forward=reshard, prefetch=2)
+    states = [unit._get_fsdp_state() for unit in stack.units]
+    # Backward starts with the last unit, so it never frees its gathered weights after forward.
+    assert [s._fsdp_param_group.post_forward_mesh_info is not None for s in states] == [reshard] * 3 + [False]
+    assert [s._states_to_forward_prefetch for s in states] == [states[1:3], states[2:4], states[3:], []]
+    assert [s._states_to_backward_prefetch for s in states] == [[], states[:1], states[1::-1], states[2:0:-1]]
+
+
+def test_fsdp2_prefetch_of_one_leaves_fsdp2_its_own_order(one_rank_mesh):
+    stack = Stack(3)
+    fsdp2_shard(stack, one_rank_mesh, prefetch=1)
+    for unit in stack.units:
+        state = unit._get_fsdp_state()
+        assert state._states_to_forward_prefetch == [] and state._states_to_backward_prefetch == []
+
+
+def test_fsdp2_strategy_rejects_a_prefetch_below_one():
+    with pytest.raises(ValueError, match=r"trainer.strategy.prefetch=0: expected a positive number"):
+        FSDP2Strategy(prefetch=0)

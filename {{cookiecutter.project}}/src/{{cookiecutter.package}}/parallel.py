@@ -51,9 +51,14 @@ def fsdp2_shard(
     reduce_dtype: torch.dtype | None = None,
     reshard_after_forward: bool = True,
     cpu_offload: bool = False,
+    prefetch: int = 1,
 ) -> list[nn.Module]:
     """fully_shard every unit of every shardable network under `root`, then each network itself
-    (its embeddings and heads), so one all-gather per unit overlaps the previous unit's compute."""
+    (its embeddings and heads), so one all-gather per unit overlaps the previous unit's compute.
+
+    reshard_after_forward frees each unit's gathered weights after its forward (gathered again in
+    backward), except the last unit's: backward needs those first, at once. prefetch > 1 issues
+    the all-gathers of that many units ahead (forward and backward) instead of FSDP2's one."""
     networks = shardable_networks(root)
     if not networks:
         raise TypeError(
@@ -68,9 +73,14 @@ def fsdp2_shard(
     if cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
     for network in networks:
-        for unit in units_of(network):
-            fully_shard(unit, **kwargs)
+        units = units_of(network)
+        for i, unit in enumerate(units):
+            fully_shard(unit, **{**kwargs, "reshard_after_forward": reshard_after_forward and i < len(units) - 1})
         fully_shard(network, **kwargs)
+        if prefetch > 1:
+            for i, unit in enumerate(units):
+                unit.set_modules_to_forward_prefetch(units[i + 1 : i + 1 + prefetch])
+                unit.set_modules_to_backward_prefetch(units[max(0, i - prefetch) : i][::-1])
     return networks
 
 
@@ -115,9 +125,12 @@ class FSDP2Strategy(ModelParallelStrategy):
         reduce_dtype: str | None = "float32",
         reshard_after_forward: bool = True,
         cpu_offload: bool = False,
+        prefetch: int = 1,
         save_distributed_checkpoint: bool = True,
         **kwargs: Any,
     ) -> None:
+        if not isinstance(prefetch, int) or prefetch < 1:
+            raise ValueError(f"trainer.strategy.prefetch={prefetch!r}: expected a positive number of units")
         for name, value in (("param_dtype", param_dtype), ("reduce_dtype", reduce_dtype)):
             if value not in DTYPES:
                 raise ValueError(f"trainer.strategy.{name}={value!r}: expected one of {sorted(map(str, DTYPES))}")
@@ -127,6 +140,7 @@ class FSDP2Strategy(ModelParallelStrategy):
             "reduce_dtype": DTYPES[reduce_dtype],
             "reshard_after_forward": reshard_after_forward,
             "cpu_offload": cpu_offload,
+            "prefetch": prefetch,
         }
 
     def setup_environment(self) -> None:

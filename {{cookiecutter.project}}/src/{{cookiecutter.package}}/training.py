@@ -8,8 +8,11 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import get_class, instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from .callbacks.preemption import EXIT_STATUS
+from .checkpoints import resolve_ckpt_path
 from .errors import ConfigError, DataPathError
 
 log = logging.getLogger(__name__)
@@ -48,7 +51,9 @@ def metrics_of(trainer: L.Trainer) -> dict[str, float]:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit the configured model on the configured data; returns the last logged metrics."""
+    """Fit the configured model on the configured data; returns the last logged metrics. Stopped by
+    SIGTERM, it exits with status 143 after saving last.ckpt (callbacks/preemption.py)."""
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data, _convert_="all")
@@ -61,7 +66,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     }
     for logger in trainer.loggers:
         logger.log_hyperparams(resolved)  # the whole resolved config, as TensorBoard's HPARAMS
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        raise SystemExit(EXIT_STATUS) from None
     metrics = metrics_of(trainer)
     if trainer.is_global_zero:
         report(trainer, datamodule, metrics)

@@ -59,6 +59,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule = instantiate(cfg.data, _convert_="all")
     model = instantiate(cfg.model, _convert_="all")
     trainer = build_trainer(cfg)
+    if ckpt_path:
+        check_data_matches(datamodule, ckpt_path)
     resolved = {
         k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
         for k, v in cfg.items()
@@ -74,6 +76,22 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         report(trainer, datamodule, metrics)
     return metrics
+
+
+def check_data_matches(datamodule: L.LightningDataModule, ckpt_path: str) -> None:
+    """Before resuming: give the DataModule the checkpoint's state (its tokenizer) now, so data that
+    does not match the checkpoint is one clear error instead of a shape error while the weights load,
+    or, with a vocabulary of the same size, silently wrong token ids."""
+    path = Path(ckpt_path)
+    source = path / "meta.pt" if path.is_dir() else path  # FSDP2 folders keep the non-tensor state there
+    if not source.is_file():
+        return
+    checkpoint = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+    state = checkpoint.get(type(datamodule).__qualname__)
+    if state:
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        datamodule.load_state_dict(state)
 
 
 def report(trainer: L.Trainer, datamodule: L.LightningDataModule, metrics: dict[str, float]) -> None:
@@ -119,7 +137,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     model = module_class.load_from_checkpoint(cfg.ckpt_path, map_location="cpu", weights_only=True)
     datamodule = instantiate(cfg.data, _convert_="all")
     trainer = build_trainer(cfg)
-    trainer.validate(model, datamodule=datamodule)
+    # ckpt_path again: Lightning restores the DataModule's state too, which checks the tokenizer.
+    trainer.validate(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     metrics = metrics_of(trainer)
     if trainer.is_global_zero:
         report(trainer, datamodule, metrics)

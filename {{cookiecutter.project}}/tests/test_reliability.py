@@ -7,18 +7,24 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
 
+from {{cookiecutter.package}}.callbacks.nonfinite import NonFiniteLoss
 from {{cookiecutter.package}}.checkpoints import (
     MARKER,
+    deferred_signals,
     is_complete,
     old_path,
     partial_path,
     publish,
     resolve_ckpt_path,
 )
-from {{cookiecutter.package}}.errors import DataPathError
+from {{cookiecutter.package}}.errors import ConfigError, DataPathError, NonFiniteLossError, StorageError
+from {{cookiecutter.package}}.trainer import Trainer
 
 from .conftest import {% if cookiecutter.gpt %}TINY{% else %}CLIP_TINY{% endif %}, ROOT, run_script
 
@@ -189,3 +195,154 @@ def test_a_kill_between_the_two_renames_of_a_folder_leaves_the_old_one_found(tmp
     publish(sharded(partial_path(final), 2), final, 2)
     os.replace(final, old_path(final))  # the first rename of the next publish, and then the kill
     assert resolve_ckpt_path(str(tmp_path), tmp_path, "train") == str(old_path(final))
+
+
+class Regression(L.LightningModule):
+    """A linear fit whose loss is NaN in the steps listed in `bad` (counted from 1), with two loss parts."""
+
+    def __init__(self, bad: tuple[int, ...] = ()) -> None:
+        super().__init__()
+        torch.manual_seed(0)  # every instance starts from the same weights
+        self.net, self.bad = torch.nn.Linear(4, 1), bad
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        mse = (self.net(x) - y).pow(2).mean()
+        l1 = self.net.weight.abs().sum()
+        if self.global_step + 1 in self.bad:
+            mse = mse * float("nan")
+        self.log("train/mse", mse)
+        self.log("train/l1", l1)
+        loss = mse + 0.01 * l1
+        self.log("train/loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=0.1)
+
+
+def fit(tmp_path: Path, model: L.LightningModule, *callbacks: L.Callback, max_steps: int = 6) -> Trainer:
+    data = TensorDataset(torch.randn(64, 4, generator=torch.Generator().manual_seed(0)), torch.randn(64, 1))
+    trainer = Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[ModelCheckpoint(dirpath=tmp_path / "checkpoints", every_n_train_steps=1, save_last=True), *callbacks],
+    )
+    trainer.fit(model, DataLoader(data, batch_size=8))
+    return trainer
+
+
+def test_a_non_finite_loss_stops_before_the_weights_change_naming_the_step_and_the_parts(tmp_path):
+    model = Regression(bad=(4,))
+    with pytest.raises(NonFiniteLossError) as e:
+        fit(tmp_path, model, NonFiniteLoss())
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert str(e.value).startswith(
+        "non-finite loss in step 4: train/l1=" 
+    ), str(e.value)
+    assert "train/loss=nan, train/mse=nan; training stopped before the step changed the weights" in str(e.value)
+    assert f"the last good checkpoint is {last}" in str(e.value)
+    saved = torch.load(last, weights_only=True)
+    assert saved["global_step"] == 3
+    for key, value in saved["state_dict"].items():  # the weights in memory are still the step-3 weights
+        assert torch.equal(value, model.state_dict()[key]) and value.isfinite().all(), key
+
+
+def test_skip_drops_the_step_counts_it_and_stops_after_max_skips(tmp_path):
+    reference = Regression()
+    fit(tmp_path / "a", reference, max_steps=3)
+    skipping, callback = Regression(bad=(4,)), NonFiniteLoss(action="skip", max_skips=1)
+    fit(tmp_path / "b", skipping, callback, max_steps=4)
+    assert callback.skipped == 1
+    for key, value in reference.state_dict().items():  # step 4 changed nothing: the step-3 weights
+        assert torch.equal(skipping.state_dict()[key], value), key
+    assert torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss in step 5 after skipping 1 steps"):
+        fit(tmp_path / "c", Regression(bad=(4, 5)), NonFiniteLoss(action="skip", max_skips=1))
+    with pytest.raises(ConfigError, match=r"callbacks.non_finite.action='ignore'; expected one of \['stop', 'skip'\]"):
+        NonFiniteLoss(action="ignore")
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_clear_error_and_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    trainer = fit(tmp_path, Regression(), max_steps=2)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+
+    def full(self, checkpoint, path, storage_options=None):  # what the OS does when the disk fills mid-write
+        with open(path, "wb") as f:
+            f.write(b"x" * 100)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(type(trainer.strategy.checkpoint_io), "save_checkpoint", full)
+    with pytest.raises(StorageError) as e:
+        trainer.save_checkpoint(last)
+    assert str(e.value).startswith(f"cannot write checkpoint {last}: the disk is full (OSError: [Errno 28] No space")
+    assert "last.ckpt still holds the previous checkpoint" in str(e.value)
+    assert last.read_bytes() == before and sorted(p.name for p in last.parent.iterdir() if p.name.startswith("."))  == []
+    with pytest.raises(StorageError, match="new.ckpt was not created"):
+        trainer.save_checkpoint(tmp_path / "checkpoints" / "new.ckpt")
+    assert not (tmp_path / "checkpoints" / "new.ckpt").exists()
+
+
+def test_signals_during_a_checkpoint_write_wait_for_it_to_finish(tmp_path, monkeypatch):
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        with deferred_signals():
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)  # a second one, impatient
+            time.sleep(0.05)
+            assert received == []  # held
+        assert received == [signal.SIGTERM]  # delivered once, to the handler that was there before
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+    # Ctrl-C in the middle of a real save: the file is written whole first, then KeyboardInterrupt.
+    trainer = fit(tmp_path, Regression(), max_steps=1)
+    write = type(trainer.strategy.checkpoint_io).save_checkpoint
+
+    def interrupted(self, checkpoint, path, storage_options=None):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        write(self, checkpoint, path, storage_options)
+
+    monkeypatch.setattr(type(trainer.strategy.checkpoint_io), "save_checkpoint", interrupted)
+    target = tmp_path / "interrupted.ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_checkpoint(target)
+    assert torch.load(target, weights_only=True)["global_step"] == 1
+
+
+@pytest.mark.slow
+def test_train_py_ckpt_path_last_without_an_earlier_run(tmp_path):
+    proc = run_script("train.py", "ckpt_path=last", cwd=tmp_path, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith(f"error: ckpt_path=last: no checkpoint of an earlier 'train' run under {tmp_path / 'logs' / 'train'}")
+    assert proc.stderr.count("\n") == 1
+{%- if cookiecutter.gpt %}
+
+
+@pytest.mark.slow
+def test_train_py_stops_on_a_non_finite_loss_in_one_line(tmp_path, tiny):
+    # lr=1e30: the first update throws every weight to ~1e30, and step 2's loss is NaN.
+    proc = run_script("train.py", *tiny, "model.optimizer.lr=1e30", f"paths.log_dir={tmp_path}", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: non-finite loss in step 2: train/loss=nan; training stopped before the step changed the weights" in proc.stderr
+    assert proc.stderr.splitlines()[-1].startswith("error: non-finite") and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_resuming_on_other_text_is_one_clear_error_before_the_weights_load(tmp_path, tiny, corpus):
+    run_script("train.py", *tiny, "trainer.max_steps=2", f"paths.log_dir={tmp_path / 'logs'}")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "a.txt").write_text((corpus / sorted(p.name for p in corpus.iterdir())[0]).read_text()[::-1])
+    proc = run_script(
+        "train.py", *tiny, f"data.paths=[{other}]", f"paths.log_dir={tmp_path / 'logs'}", "ckpt_path=last", check=False
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: ckpt_path: the checkpoint's tokenizer (512 tokens) is not this data's (512 tokens" in proc.stderr
+{%- endif %}

@@ -1,9 +1,9 @@
 """Shared fixtures: Hydra configs composed the way train.py composes them, and small real data."""
 
+import io
 {% if cookiecutter.clip -%}
 import json
 {% endif -%}
-import io
 import os
 import subprocess
 import sys
@@ -15,10 +15,10 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, open_dict
 
 ROOT = Path(__file__).resolve().parents[1]

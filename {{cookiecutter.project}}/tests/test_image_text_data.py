@@ -171,7 +171,11 @@ def test_shapes_datamodule_tokenizer_is_the_same_every_time():
         ("jsonl", {"caption": "a cat"}, r"bad.jsonl:2: missing image path \(expected a string under 'image'"),
         ("coco", {"id": 7, "image_id": 100}, r"coco-bad.json: annotations\[1\] \(id 7, image_id 100\): missing cap"),
         ("coco", {"id": 7, "image_id": 5, "caption": "x"}, r"annotations\[1\] \(id 7, image_id 5\): image_id is not"),
-        ("coco", {"id": 7, "image_id": 101, "caption": "x"}, r"coco-bad.json: 1 of the 2 images its annotations .*gone"),
+        (
+            "coco",
+            {"id": 7, "image_id": 101, "caption": "x"},
+            r"coco-bad.json: 1 of the 2 images its annotations .*gone",
+        ),
         ("coco", {"id": 7, "image_id": [100], "caption": "x"}, r"annotations\[1\] .*image_id is not the id of any"),
     ],
 )

@@ -102,7 +102,10 @@ def test_a_resume_keeps_the_checkpoints_schedule_and_says_so_when_this_run_plann
     longer = schedule(48)  # resumed with trainer.max_steps=48
     with caplog.at_level("WARNING"):
         longer.load_state_dict(state)
-    assert "resuming keeps the checkpoint's LR schedule: total_steps 24 (this run: 48); the cosine ends at step 24" in caplog.text
+    assert (
+        "resuming keeps the checkpoint's LR schedule: total_steps 24 (this run: 48); the cosine ends at step 24"
+        in caplog.text
+    )
     for _ in range(12):  # the original shape, step for step, down to the floor at 24 and flat after
         longer.optimizer.step()
         longer.step()

@@ -26,7 +26,7 @@ from {{cookiecutter.package}}.checkpoints import (
 from {{cookiecutter.package}}.errors import ConfigError, DataPathError, NonFiniteLossError, StorageError
 from {{cookiecutter.package}}.trainer import Trainer
 
-from .conftest import {% if cookiecutter.gpt %}TINY{% else %}CLIP_TINY{% endif %}, ROOT, run_script
+from .conftest import {% if cookiecutter.gpt %}ROOT, TINY{% else %}CLIP_TINY, ROOT{% endif %}, run_script
 
 
 @pytest.fixture
@@ -98,19 +98,23 @@ def test_sigterm_saves_at_a_step_boundary_and_ckpt_path_last_resumes_to_bitwise_
     assert resumed["state_dict"].keys() == reference["state_dict"].keys()
     for key, value in reference["state_dict"].items():  # bitwise: the same batches, the same arithmetic
         assert torch.equal(resumed["state_dict"][key], value), key
-    for ours, theirs in zip(resumed["optimizer_states"][0]["state"].values(), reference["optimizer_states"][0]["state"].values()):
+    for ours, theirs in zip(
+        resumed["optimizer_states"][0]["state"].values(), reference["optimizer_states"][0]["state"].values()
+    ):
         assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
 
 @pytest.mark.slow
-def test_a_kill_in_the_middle_of_a_checkpoint_write_leaves_the_previous_one_whole_and_last_points_to_it(
-    tmp_path, tiny
-):
+def test_a_kill_in_the_middle_of_a_checkpoint_write_leaves_the_previous_one_whole_and_last_points_to_it(tmp_path, tiny):
     logs = tmp_path / "logs"
     marker = tmp_path / "mid-write"
     # Step 4's first checkpoint write (the best-so-far file, then last.ckpt) stops half-way and
     # hangs until SIGKILL. Step 2 wrote both whole.
-    stall = "+trainer.plugins=[{_target_:tests.conftest.StallingCheckpointIO,prefix:.step000004," + f"marker:'{marker}'" + "}]"
+    stall = (
+        "+trainer.plugins=[{_target_:tests.conftest.StallingCheckpointIO,prefix:.step000004,"
+        + f"marker:'{marker}'"
+        + "}]"
+    )
     proc = start(*tiny, "trainer.val_check_interval=2", f"paths.log_dir={logs}", stall)
     wait_for(marker, proc)
     run = newest_run(logs) / "checkpoints"
@@ -229,7 +233,10 @@ def fit(tmp_path: Path, model: L.LightningModule, *callbacks: L.Callback, max_st
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[ModelCheckpoint(dirpath=tmp_path / "checkpoints", every_n_train_steps=1, save_last=True), *callbacks],
+        callbacks=[
+            ModelCheckpoint(dirpath=tmp_path / "checkpoints", every_n_train_steps=1, save_last=True),
+            *callbacks,
+        ],
     )
     trainer.fit(model, DataLoader(data, batch_size=8))
     return trainer
@@ -240,9 +247,7 @@ def test_a_non_finite_loss_stops_before_the_weights_change_naming_the_step_and_t
     with pytest.raises(NonFiniteLossError) as e:
         fit(tmp_path, model, NonFiniteLoss())
     last = tmp_path / "checkpoints" / "last.ckpt"
-    assert str(e.value).startswith(
-        "non-finite loss in step 4: train/l1=" 
-    ), str(e.value)
+    assert str(e.value).startswith("non-finite loss in step 4: train/l1="), str(e.value)
     assert "train/loss=nan, train/mse=nan; training stopped before the step changed the weights" in str(e.value)
     assert f"the last good checkpoint is {last}" in str(e.value)
     saved = torch.load(last, weights_only=True)
@@ -281,7 +286,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_clear_error_and_leaves_the_previ
         trainer.save_checkpoint(last)
     assert str(e.value).startswith(f"cannot write checkpoint {last}: the disk is full (OSError: [Errno 28] No space")
     assert "last.ckpt still holds the previous checkpoint" in str(e.value)
-    assert last.read_bytes() == before and sorted(p.name for p in last.parent.iterdir() if p.name.startswith("."))  == []
+    assert last.read_bytes() == before and sorted(p.name for p in last.parent.iterdir() if p.name.startswith(".")) == []
     with pytest.raises(StorageError, match="new.ckpt was not created"):
         trainer.save_checkpoint(tmp_path / "checkpoints" / "new.ckpt")
     assert not (tmp_path / "checkpoints" / "new.ckpt").exists()
@@ -316,11 +321,27 @@ def test_signals_during_a_checkpoint_write_wait_for_it_to_finish(tmp_path, monke
     assert torch.load(target, weights_only=True)["global_step"] == 1
 
 
+def test_every_test_named_in_docs_reliability_exists():
+    import re
+
+    doc = (ROOT / "docs" / "reliability.md").read_text()
+    named, file = [], None
+    for match in re.finditer(r"`(test_\w+\.py)?::(test_\w+)`|`(test_\w+\.py)`", doc):
+        file = match.group(1) or match.group(3) or file
+        if match.group(2):
+            named.append((file, match.group(2)))
+    assert len(named) >= 10
+    for file, test in named:
+        assert f"def {test}(" in (ROOT / "tests" / file).read_text(), f"{file}::{test}"
+
+
 @pytest.mark.slow
 def test_train_py_ckpt_path_last_without_an_earlier_run(tmp_path):
     proc = run_script("train.py", "ckpt_path=last", cwd=tmp_path, check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert proc.stderr.startswith(f"error: ckpt_path=last: no checkpoint of an earlier 'train' run under {tmp_path / 'logs' / 'train'}")
+    assert proc.stderr.startswith(
+        f"error: ckpt_path=last: no checkpoint of an earlier 'train' run under {tmp_path / 'logs' / 'train'}"
+    )
     assert proc.stderr.count("\n") == 1
 {%- if cookiecutter.gpt %}
 
@@ -330,7 +351,10 @@ def test_train_py_stops_on_a_non_finite_loss_in_one_line(tmp_path, tiny):
     # lr=1e30: the first update throws every weight to ~1e30, and step 2's loss is NaN.
     proc = run_script("train.py", *tiny, "model.optimizer.lr=1e30", f"paths.log_dir={tmp_path}", check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "error: non-finite loss in step 2: train/loss=nan; training stopped before the step changed the weights" in proc.stderr
+    assert (
+        "error: non-finite loss in step 2: train/loss=nan; training stopped before the step changed the weights"
+        in proc.stderr
+    )
     assert proc.stderr.splitlines()[-1].startswith("error: non-finite") and "Traceback" not in proc.stderr
 
 

@@ -39,9 +39,7 @@ log = logging.getLogger(__name__)
 
 MARKER = ".complete"  # the last file written into a sharded checkpoint folder
 # Signals that must not interrupt a checkpoint write: Ctrl-C, a scheduler's stop, SLURM's warning.
-DEFERRED_SIGNALS = tuple(
-    s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR1", None)) if s is not None
-)
+DEFERRED_SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR1", None)) if s is not None)
 
 
 def partial_path(path: Path) -> Path:

@@ -34,6 +34,7 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         # Drop a token when the tokens ranked above it already cover top_p; the top token always stays.
         drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
+        drop_sorted[:, 0] = False  # explicitly: a top_p below float32's smallest value compares as 0
         logits[drop_sorted.scatter(1, order, drop_sorted)] = float("-inf")
     return logits
 

@@ -54,10 +54,14 @@ class NonFiniteLoss(L.Callback):
 
     def _non_finite(self, trainer: L.Trainer, optimizer: torch.optim.Optimizer) -> None:
         step = trainer.global_step + 1  # the step being taken, counted from 1
-        parts = ", ".join(
-            f"{k}={float(v):.4g}" for k, v in sorted(trainer.callback_metrics.items()) if k.startswith("train/")
-            and k != "train/skipped_steps" and v.numel() == 1
-        ) or "train/loss not logged"
+        parts = (
+            ", ".join(
+                f"{k}={float(v):.4g}"
+                for k, v in sorted(trainer.callback_metrics.items())
+                if k.startswith("train/") and k != "train/skipped_steps" and v.numel() == 1
+            )
+            or "train/loss not logged"
+        )
         if self.action == "skip" and self.skipped < self.max_skips:
             optimizer.zero_grad(set_to_none=True)  # no gradients: the optimizer changes nothing
             self.skipped += 1

@@ -109,8 +109,12 @@ def read_coco(path: Path, image_root: Path) -> list[Record]:
     files: dict[Any, Path] = {}
     for j, image in enumerate(data["images"]):
         if not isinstance(image, dict) or not isinstance(image.get("id"), (int, str)) or isinstance(image["id"], bool):
-            raise DataFormatError(f"{path}: images[{j}]: expected an object with an integer or string 'id' and 'file_name'")
-        files[image["id"]] = _image_path(image_root, image.get("file_name"), f"{path}: images[{j}] (id {image['id']!r})", "file_name")
+            raise DataFormatError(
+                f"{path}: images[{j}]: expected an object with an integer or string 'id' and 'file_name'"
+            )
+        files[image["id"]] = _image_path(
+            image_root, image.get("file_name"), f"{path}: images[{j}] (id {image['id']!r})", "file_name"
+        )
     records = []
     for i, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict):

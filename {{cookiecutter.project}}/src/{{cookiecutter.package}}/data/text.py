@@ -80,7 +80,9 @@ def read_documents(files: list[Path], text_key: str = "text") -> Iterator[str]:
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    raise DataFormatError(f"{path}:{line_no}: not UTF-8 text (invalid byte at column {e.start + 1})") from None
+                    raise DataFormatError(
+                        f"{path}:{line_no}: not UTF-8 text (invalid byte at column {e.start + 1})"
+                    ) from None
                 if not line.strip():
                     continue
                 try:

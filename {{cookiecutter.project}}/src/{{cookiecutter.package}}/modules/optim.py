@@ -11,6 +11,7 @@ from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+
 def build_adamw(
     params: Iterable[torch.nn.Parameter],
     lr: float,
@@ -64,8 +65,8 @@ class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
         changed = [f"{k} {state_dict[k]} (this run: {v})" for k, v in planned.items() if state_dict.get(k, v) != v]
         if changed:
             log.warning(
-                "resuming keeps the checkpoint's LR schedule: %s; the cosine ends at step %d and the LR stays at its floor after it; "
-                "to plan a new schedule, start a new run from these weights instead of resuming",
+                "resuming keeps the checkpoint's LR schedule: %s; the cosine ends at step %d and the LR stays at "
+                "its floor after it; to plan a new schedule, start a new run from these weights instead of resuming",
                 ", ".join(changed),
                 self.total_steps,
             )

@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from {{cookiecutter.package}}.callbacks.nonfinite import NonFiniteLoss
+from {{cookiecutter.package}}.callbacks.preemption import Preemption
 from {{cookiecutter.package}}.checkpoints import (
     MARKER,
     deferred_signals,
@@ -230,6 +231,7 @@ def fit(tmp_path: Path, model: L.LightningModule, *callbacks: L.Callback, max_st
     trainer = Trainer(
         max_steps=max_steps,
         accelerator="cpu",
+        default_root_dir=tmp_path,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -319,6 +321,35 @@ def test_signals_during_a_checkpoint_write_wait_for_it_to_finish(tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         trainer.save_checkpoint(target)
     assert torch.load(target, weights_only=True)["global_step"] == 1
+
+
+class SignalMidStep(L.Callback):
+    """Sends `signum` to this process between the backward pass and the optimizer step of step `step`."""
+
+    def __init__(self, signum: int, step: int) -> None:
+        self.signum, self.step = signum, step
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step + 1 == self.step:
+            os.kill(os.getpid(), self.signum)
+            time.sleep(0.05)  # delivered here, in the middle of the step
+
+
+def test_slurm_sigusr1_runs_lightnings_requeue_at_the_next_step_boundary(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'scontrol.args'}\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    slurm = {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NAME": "train", "SLURM_JOB_ID": "4242"}
+    for key, value in {**slurm, "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}.items():
+        monkeypatch.setenv(key, value)
+
+    trainer = fit(tmp_path, Regression(), Preemption(), SignalMidStep(signal.SIGUSR1, step=2), max_steps=4)
+    [hpc] = Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt")
+    assert torch.load(hpc, weights_only=True)["global_step"] == 2  # step 2 whole, not the state inside it
+    assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "4242"]  # Lightning's requeue
+    assert trainer.global_step == 4
 
 
 def test_every_test_named_in_docs_reliability_exists():

@@ -77,13 +77,12 @@ def test_a_prompt_longer_than_the_context_is_rejected(tokenizer):
     "overrides, message",
     [
         (["top_p=0.0"], "error: top_p=0.0 is out of range: expected 0 < top_p <= 1, or null for no nucleus filter"),
-        (["temperature=-1"], "error: temperature=-1 is out of range: expected a number >= 0 (0: greedy decoding)"),
-        (["top_k=0"], "error: top_k=0 is out of range: expected an integer >= 1, or null for no top-k filter"),
         (["prompt=" + "to be or not to be " * 10], "error: prompt is "),
         (["vocab"], "holds a tokenizer of 300 tokens for a model of 260: they were not trained together"),
     ],
 )
 def test_generate_py_reports_bad_options_in_one_line(tmp_path, tokenizer, overrides, message):
+    """Through generate.py as a user runs it (the other options share check_sampling, tested above)."""
     vocab = 260 if overrides == ["vocab"] else 300
     ckpt = tiny_checkpoint(tmp_path / "tiny.ckpt", tokenizer, vocab_size=vocab)
     options = [] if overrides == ["vocab"] else overrides

@@ -63,6 +63,10 @@ def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError:
+        if not path.is_dir():
+            raise
+        # Some network file systems cannot sync a folder's entries; the rename itself is still atomic.
     finally:
         os.close(fd)
 

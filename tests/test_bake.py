@@ -40,6 +40,7 @@ MODULE_OWNED = {
         "tests/test_gpt_model.py",
         "tests/test_text_data.py",
         "tests/test_gpt_training.py",
+        "tests/test_generation_options.py",
         "docs/gpt.md",
     ],
     "distill": [

@@ -1,13 +1,16 @@
 """Shared fixtures: Hydra configs composed the way train.py composes them, and small real data."""
 
+import io
 {% if cookiecutter.clip -%}
 import json
 {% endif -%}
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import pytest
@@ -15,6 +18,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, open_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -196,3 +200,40 @@ class StopAtStep(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
         if trainer.global_step >= self.step:
             trainer.should_stop = True
+
+
+class PauseAtStep(L.Callback):
+    """After `step` optimizer steps, writes `marker` and waits (a minute at most) for SIGTERM, so a
+    test can send a real signal to a real train.py process at a known point."""
+
+    def __init__(self, step: int, marker: str) -> None:
+        self.step, self.marker = step, Path(marker)
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step != self.step:
+            return
+        self.marker.write_text(str(os.getpid()))
+        deadline = time.monotonic() + 60
+        while not trainer.received_sigterm and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+
+class StallingCheckpointIO(TorchCheckpointIO):
+    """Writes checkpoints normally, except the first one written to a file whose name starts with
+    `prefix`: half of its bytes, then `marker`, then it hangs, so a test can kill the process mid-write."""
+
+    def __init__(self, prefix: str, marker: str) -> None:
+        super().__init__()
+        self.prefix, self.marker = prefix, Path(marker)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        if Path(path).name.startswith(self.prefix):
+            buffer = io.BytesIO()
+            torch.save(checkpoint, buffer)
+            with open(path, "wb") as f:
+                f.write(buffer.getvalue()[: buffer.tell() // 2])
+                f.flush()
+                os.fsync(f.fileno())
+            self.marker.write_text(str(os.getpid()))
+            time.sleep(600)
+        super().save_checkpoint(checkpoint, path, storage_options)

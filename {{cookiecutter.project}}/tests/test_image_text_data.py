@@ -19,7 +19,7 @@ from {{cookiecutter.package}}.data.image_text import (
 )
 from {{cookiecutter.package}}.data.shapes import COLOURS, KINDS, SPECS, ShapesDataModule, ShapesDataset
 from {{cookiecutter.package}}.data.tokenizer import train_tokenizer
-from {{cookiecutter.package}}.errors import ConfigError, DataFormatError, DataPathError
+from {{cookiecutter.package}}.errors import ConfigError, DataFormatError, DataPathError, exit_on_user_error
 
 from .conftest import run_script
 
@@ -171,7 +171,12 @@ def test_shapes_datamodule_tokenizer_is_the_same_every_time():
         ("jsonl", {"caption": "a cat"}, r"bad.jsonl:2: missing image path \(expected a string under 'image'"),
         ("coco", {"id": 7, "image_id": 100}, r"coco-bad.json: annotations\[1\] \(id 7, image_id 100\): missing cap"),
         ("coco", {"id": 7, "image_id": 5, "caption": "x"}, r"annotations\[1\] \(id 7, image_id 5\): image_id is not"),
-        ("coco", {"id": 7, "image_id": 101, "caption": "x"}, r"annotations\[1\] .*file_name: image file .*gone.png"),
+        (
+            "coco",
+            {"id": 7, "image_id": 101, "caption": "x"},
+            r"coco-bad.json: 1 of the 2 images its annotations .*gone",
+        ),
+        ("coco", {"id": 7, "image_id": [100], "caption": "x"}, r"annotations\[1\] .*image_id is not the id of any"),
     ],
 )
 def test_malformed_annotations_raise_one_error_naming_the_record(image_pairs, tmp_path, fmt, record, expected):
@@ -211,3 +216,47 @@ def test_train_py_reports_a_bad_record_in_one_line(image_pairs, tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"error: {bad}:2: missing caption (expected a non-empty string under 'caption', got None)" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_coco_file_naming_missing_images_counts_them_and_names_the_first(image_pairs, tmp_path):
+    data = json.loads((image_pairs / "coco.json").read_text())
+    for image in data["images"][3:6]:
+        image["file_name"] = image["file_name"].replace(".png", "-gone.png")
+    path = tmp_path / "coco.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(DataPathError) as e:
+        read_coco(path, image_pairs)
+    assert str(e.value).startswith(f"{path}: 3 of the 24 images its annotations name are missing under {image_pairs}")
+    assert "003-gone.png" in str(e.value) and "set image_root" in str(e.value)
+
+
+def test_a_folder_of_images_without_captions_says_how_to_caption_them(image_pairs, tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for name in ("000.png", "001.png"):
+        (flat / name).write_bytes((image_pairs / "images" / name).read_bytes())
+    with pytest.raises(DataFormatError, match=r"image folder .*flat holds 2 images but no captions: .*<class>/\*\.jpg"):
+        module(train=[str(flat)]).setup("fit")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataPathError, match="holds no class subfolders with images"):
+        read_folder(tmp_path / "empty", "a photo of a {}", [])
+
+
+def test_a_corrupt_image_read_in_a_dataloader_worker_is_one_line_naming_the_file(image_pairs, tmp_path, capsys):
+    """The worker re-raises with its traceback as the message; the entry point prints the error's own line."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "broken.png").write_bytes((image_pairs / "images" / "000.png").read_bytes()[:60])
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"image": "images/broken.png", "caption": "a red square"}) + "\n")
+    dm = module(train=[str(tmp_path / "pairs.jsonl")], val=[str(image_pairs / "pairs.jsonl")], num_workers=1)
+    dm.setup("fit")
+
+    @exit_on_user_error
+    def first_batch() -> None:
+        next(iter(dm._loader(dm.dataset("train", dm.transform(train=False)), 1)))
+
+    with pytest.raises(SystemExit) as e:
+        first_batch()
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert f"cannot decode {tmp_path / 'images' / 'broken.png'} as an image" in err

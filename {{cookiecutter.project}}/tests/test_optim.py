@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from {{cookiecutter.package}}.errors import ConfigError
-from {{cookiecutter.package}}.modules.optim import build_adamw, configure_adamw_cosine, warmup_cosine
+from {{cookiecutter.package}}.modules.optim import WarmupCosine, build_adamw, configure_adamw_cosine, warmup_cosine
 
 
 def test_warmup_cosine_by_hand():
@@ -81,3 +81,35 @@ def test_fused_with_fp16_loss_scaling_and_clipping_is_one_clear_error():
     params = nn.Linear(2, 2).parameters()
     with pytest.raises(ConfigError, match="model.optimizer.fused=true cannot clip gradients"):
         configure_adamw_cosine(module, params, {"lr": 1e-3, "fused": True}, {"total_steps": 10})
+
+
+def test_a_resume_keeps_the_checkpoints_schedule_and_says_so_when_this_run_planned_another(caplog):
+    def schedule(total: int) -> WarmupCosine:
+        opt = torch.optim.AdamW([nn.Parameter(torch.zeros(2))], lr=1.0)
+        return WarmupCosine(opt, peak_lr=1.0, warmup_steps=2, total_steps=total, min_lr_ratio=0.1)
+
+    first = schedule(24)
+    for _ in range(12):
+        first.optimizer.step()
+        first.step()
+    state = first.state_dict()
+
+    same = schedule(24)
+    with caplog.at_level("WARNING"):
+        same.load_state_dict(state)
+    assert caplog.text == ""  # the same plan: nothing to say
+
+    longer = schedule(48)  # resumed with trainer.max_steps=48
+    with caplog.at_level("WARNING"):
+        longer.load_state_dict(state)
+    assert (
+        "resuming keeps the checkpoint's LR schedule: total_steps 24 (this run: 48); the cosine ends at step 24"
+        in caplog.text
+    )
+    for _ in range(12):  # the original shape, step for step, down to the floor at 24 and flat after
+        longer.optimizer.step()
+        longer.step()
+        first.optimizer.step()
+        first.step()
+        assert longer.get_last_lr() == first.get_last_lr()
+    assert longer.get_last_lr()[0] == pytest.approx(0.1)

@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 
-from {{cookiecutter.package}}.checkpoints import consolidate
+from {{cookiecutter.package}}.checkpoints import consolidate, is_complete
 from {{cookiecutter.package}}.errors import ConfigError, DataPathError
 {%- if cookiecutter.clip %}
 from {{cookiecutter.package}}.modules.clip import CLIPModule
@@ -70,6 +70,7 @@ def test_fsdp2_shards_saves_resumes_and_consolidates_to_the_ddp_weights(tmp_path
     stop = ["+callbacks.stop._target_=tests.conftest.StopAtStep", "+callbacks.stop.step=2"]
     first = train_run(tmp_path, "fsdp-a", model, data_dir, *FSDP, *stop)
     assert (first / "last.ckpt" / "meta.pt").is_file() and len(list((first / "last.ckpt").glob("*.distcp"))) == 2
+    assert is_complete(first / "last.ckpt") and not list(first.glob(".*"))  # marked whole, nothing partial left
     second = train_run(tmp_path, "fsdp-b", model, data_dir, *FSDP, f"ckpt_path={first / 'last.ckpt'}")
 
     full = consolidate(second / "last.ckpt", tmp_path / "full.ckpt")

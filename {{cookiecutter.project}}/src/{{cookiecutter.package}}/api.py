@@ -13,10 +13,13 @@ import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from .callbacks.checkpoint import ModelCheckpoint
+from .callbacks.nonfinite import NonFiniteLoss
+from .callbacks.preemption import Preemption
 from .callbacks.throughput import Throughput
 from .data.text import TextDataModule
 from .models.gpt import GPTConfig
 from .modules.gpt import GPTModule
+from .trainer import Trainer
 
 
 def train(
@@ -62,11 +65,13 @@ def train(
         "log_every_n_steps": 10,
         **trainer_kwargs,
     }
-    trainer = L.Trainer(
+    trainer = Trainer(  # atomic checkpoints (trainer.py)
         logger=TensorBoardLogger(out_dir, name="tensorboard", default_hp_metric=False),
         callbacks=[
             ModelCheckpoint(dirpath=str(Path(out_dir) / "checkpoints"), monitor="val/loss", save_last=True),
             Throughput(log_every_n_steps=trainer_kwargs["log_every_n_steps"]),
+            Preemption(),
+            NonFiniteLoss(),
         ],
         **trainer_kwargs,
     )

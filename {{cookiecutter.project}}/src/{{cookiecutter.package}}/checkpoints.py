@@ -1,5 +1,16 @@
-"""Read a checkpoint file with one clear error when it is not one; turn a sharded checkpoint (FSDP2
-folder, DeepSpeed ZeRO folder) into one file:
+"""Checkpoints on disk: written whole or not at all, read with one clear error when a file is not
+one, found again by name, consolidated into one file.
+
+A checkpoint (a file, or a sharded folder of FSDP2 / DeepSpeed) is written under a hidden name next
+to its final one, `.<name>.partial`, flushed to disk, and renamed into place: a run killed while
+writing leaves the previous checkpoint of that name as it was. A sharded folder also gets a marker,
+`.complete`, written after every shard (it lists each file and its size), so a folder without it is
+never taken for a checkpoint. `trainer.Trainer.save_checkpoint` does this for every save.
+
+`ckpt_path=last` (train.py) resumes the newest whole checkpoint of the earlier runs of the same
+`task_name`; `ckpt_path=<run folder>` the newest in that run (`resolve_ckpt_path`).
+
+Turn a sharded checkpoint into one file:
 
     python -m {{cookiecutter.package}}.checkpoints logs/train/runs/<run>/checkpoints/last.ckpt last-full.ckpt
 
@@ -8,11 +19,19 @@ and `<Module>.load_from_checkpoint` read it, and it loads with torch.load(weight
 """
 
 import argparse
+import json
+import logging
 import os
 import pickle
+import shutil
+import signal
 import sys
 import tempfile
+import threading
+import time
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +73,168 @@ def checkpoint_step(ckpt_path: str | Path) -> int:
     if checkpoint is None and is_fsdp_folder(Path(ckpt_path)):
         checkpoint = torch.load(Path(ckpt_path) / "meta.pt", map_location="cpu", weights_only=True)
     return int((checkpoint or {}).get("global_step", 0))
+
+log = logging.getLogger(__name__)
+
+MARKER = ".complete"  # the last file written into a sharded checkpoint folder
+# Signals that must not interrupt a checkpoint write: Ctrl-C, a scheduler's stop, SLURM's warning.
+DEFERRED_SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR1", None)) if s is not None)
+
+
+def partial_path(path: Path) -> Path:
+    """Where a checkpoint is written before it is renamed to `path` (same folder: rename is atomic)."""
+    return path.with_name(f".{path.name}.partial")
+
+
+def old_path(path: Path) -> Path:
+    """Where a folder checkpoint waits while its replacement is renamed into place."""
+    return path.with_name(f".{path.name}.old")
+
+
+def remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not path.is_dir():
+            raise
+        # Some network file systems cannot sync a folder's entries; the rename itself is still atomic.
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def deferred_signals(signums: tuple[int, ...] = DEFERRED_SIGNALS) -> Iterator[None]:
+    """Hold SIGINT/SIGTERM/SIGUSR1 until the block ends, then deliver them to the handlers that were
+    installed before (Lightning's, Python's Ctrl-C): a second signal cannot cut a checkpoint short.
+    Python runs signal handlers in the main thread only, so elsewhere this is a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {s: signal.getsignal(s) for s in signums}
+    previous = {s: h for s, h in previous.items() if h is not None}  # None: set outside Python, left alone
+    for s in previous:
+        signal.signal(s, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(received):
+            signal.raise_signal(s)
+
+
+def is_complete(path: Path) -> bool:
+    """A file (it only ever appears by rename, whole), or a folder whose marker lists files that are
+    all there with their sizes."""
+    if path.is_file():
+        return True
+    if not path.is_dir():
+        return False
+    try:
+        listed = json.loads((path / MARKER).read_text())["files"]
+        return all((path / rel).is_file() and (path / rel).stat().st_size == size for rel, size in listed.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def publish(partial: Path, final: Path, global_step: int) -> None:
+    """Make the checkpoint written at `partial` (every rank done) appear at `final`, whole: flush it
+    to disk, mark a folder complete, then rename. Run on one rank."""
+    if partial.is_dir():
+        files = {str(p.relative_to(partial)): p.stat().st_size for p in sorted(partial.rglob("*")) if p.is_file()}
+        for rel in files:
+            _fsync(partial / rel)
+        marker = partial / f"{MARKER}.tmp"
+        with open(marker, "w") as f:
+            json.dump({"global_step": global_step, "files": files}, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(marker, partial / MARKER)
+    _fsync(partial)
+    if final.exists() and (partial.is_dir() or final.is_dir()):
+        # A folder cannot be renamed over a folder: move the old one aside first. Killed between
+        # the two renames, `final` is missing and `.<name>.old` is whole: resolve_ckpt_path finds it.
+        old = old_path(final)
+        remove(old)
+        os.replace(final, old)
+        os.replace(partial, final)
+        _fsync(final.parent)
+        remove(old)
+    else:
+        os.replace(partial, final)  # atomic: a reader sees the old file or the new one
+    _fsync(final.parent)
+
+
+def is_checkpoint_folder(path: Path) -> bool:
+    return is_fsdp_folder(path) or is_deepspeed_folder(path) or (path / MARKER).exists()
+
+
+def whole_checkpoints(folder: Path) -> list[Path]:
+    """Every whole checkpoint under `folder` (checkpoints/*.ckpt, SLURM's hpc_ckpt_*.ckpt), newest
+    first. A folder checkpoint caught between its two renames counts under its hidden `.old` name."""
+    found = [p for p in folder.rglob("*.ckpt") if not p.name.startswith(".") and is_complete(p)]
+    for old in folder.rglob(".*.ckpt.old"):
+        if not old.with_name(old.name[1 : -len(".old")]).exists() and is_complete(old):
+            found.append(old)
+    # Newest by write time; on a tie (a top-k file and last.ckpt of the same step) prefer last.ckpt.
+    return sorted(found, key=lambda p: (written_at(p), p.name == "last.ckpt"), reverse=True)
+
+
+def written_at(path: Path) -> int:
+    return (path / MARKER if path.is_dir() else path).stat().st_mtime_ns
+
+
+def global_step_of(path: Path) -> int | None:
+    try:
+        if path.is_dir():
+            return json.loads((path / MARKER).read_text()).get("global_step")
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step")
+    except Exception:  # only for the message: an unreadable file fails properly when it is loaded
+        return None
+
+
+def resolve_ckpt_path(value: str | None, log_dir: str | Path, task_name: str) -> str | None:
+    """train.py's ckpt_path: `last` -> the newest whole checkpoint of any earlier run under
+    <log_dir>/<task_name>/; a run folder -> the newest whole checkpoint in it; a sharded folder
+    without its marker -> an error; anything else unchanged. Says what it picked."""
+    if value is None or value == "":
+        return None
+    path = Path(str(value)).expanduser()
+    if str(value) == "last":
+        root = Path(log_dir) / task_name
+        found = whole_checkpoints(root) if root.is_dir() else []
+        if not found:
+            raise DataPathError(
+                f"ckpt_path=last: no checkpoint of an earlier {task_name!r} run under {root} "
+                "(looked for <run>/checkpoints/*.ckpt); start without ckpt_path, or pass a file or run folder"
+            )
+    elif path.is_dir() and is_checkpoint_folder(path):
+        if not is_complete(path):
+            raise DataPathError(
+                f"ckpt_path={value}: this checkpoint folder is incomplete (no {MARKER} marker listing its "
+                "files: the run stopped while writing it); pass the run folder to take its newest whole checkpoint"
+            )
+        return str(path)
+    elif path.is_dir():
+        found = whole_checkpoints(path)
+        if not found:
+            raise DataPathError(f"ckpt_path={value}: no whole checkpoint (*.ckpt) in this folder")
+    else:
+        return str(value)
+    pick = found[0]
+    step = global_step_of(pick)
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(written_at(pick) / 1e9))
+    log.info("ckpt_path=%s: resuming from %s (step %s, written %s)", value, pick, "?" if step is None else step, when)
+    return str(pick)
 
 
 def is_fsdp_folder(path: Path) -> bool:

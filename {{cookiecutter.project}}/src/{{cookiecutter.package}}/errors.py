@@ -1,6 +1,7 @@
 """Errors caused by the user's input (data files, paths, config values), as opposed to bugs.
 
-Entry points print these as one line naming the file, line or key, and exit with status 2, and
+Also what the user must act on before running again: a full disk, a loss that diverged. Entry
+points print these as one line naming the file, line or key, and exit with status 2, and
 remove what the failed run had written (its run folder); any other exception is a bug and keeps
 its traceback.
 """
@@ -43,10 +44,31 @@ class ConfigError(UserInputError, ValueError):
     """A config value that cannot work; the message names the key."""
 
 
+class StorageError(UserInputError, OSError):
+    """A file the run must write could not be written (a full disk); nothing half-written remains."""
+
+
+class NonFiniteLossError(UserInputError, ArithmeticError):
+    """The loss became inf or NaN; the message names the step, the loss parts and the last good checkpoint."""
+
+
+def _own_message(e: Exception) -> str:
+    """A DataLoader worker re-raises an error with its whole traceback as the message (`Caught
+    DataFormatError in DataLoader worker process 0. Original Traceback ...`): keep the last line's
+    own message."""
+    message = str(e)
+    if "Original Traceback" in message:
+        last = message.strip().splitlines()[-1]
+        prefix = f"{type(e).__name__}: "
+        message = last[len(prefix) :] if last.startswith(prefix) else last
+    return message
+
+
 def exit_on_user_error(fn: Callable[..., T]) -> Callable[..., T]:
     """For a @hydra.main task: a user error becomes one line on stderr and exit status 2, no traceback,
     and the run folder Hydra made for the failed run is removed (only what this run wrote in it, when
-    the folder already held something: `hydra.run.dir=` can name a folder in use)."""
+    the folder already held something: `hydra.run.dir=` can name a folder in use), unless the run
+    had written a checkpoint."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> T:
@@ -58,14 +80,16 @@ def exit_on_user_error(fn: Callable[..., T]) -> Callable[..., T]:
             check_overrides(args[0])
             return fn(*args, **kwargs)
         except UserInputError as e:
-            message = str(e)
+            message = _own_message(e)
         except MissingMandatoryValue as e:  # a `???` value in configs/ that nobody set
             message = f"{e.full_key} is required: set it, e.g. {e.full_key}=..."
         except InstantiationException as e:  # a config value the target's own check rejected
             if not isinstance(e.__cause__, (UserInputError, ValueError)):
                 raise
             message = " ".join(str(e).split())
-        if run_dir is not None:
+        # A run that already wrote a checkpoint (a loss that diverged at step 5000, a disk that filled,
+        # a corrupt image met mid-epoch) keeps its folder: its checkpoints and curves are results.
+        if run_dir is not None and not any(run_dir.rglob("*.ckpt")):
             log_dir = OmegaConf.select(args[0], "paths.log_dir", default=None, throw_on_resolution_failure=False)
             _remove_run(run_dir, before, Path(log_dir).resolve() if log_dir else None)
         fail(message)

@@ -13,10 +13,22 @@ from .errors import ConfigError, DataFormatError, DataPathError
 from .models.gpt import GPT, GPTConfig
 
 
+def check_sampling(temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None) -> None:
+    """Sampling options inside their range, or a ConfigError naming the option and the range."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise ConfigError(f"temperature={temperature!r} is out of range: expected a number >= 0 (0: greedy decoding)")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ConfigError(f"top_k={top_k!r} is out of range: expected an integer >= 1, or null for no top-k filter")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise ConfigError(f"top_p={top_p!r} is out of range: expected 0 < top_p <= 1, or null for no nucleus filter")
+
+
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
-    """logits: (B, V). Returns a copy with everything outside the top-k / top-p set at -inf."""
+    """logits: (B, V). Returns a copy with everything outside the top-k / top-p set at -inf; the
+    most likely token always stays, so the result never samples NaN."""
+    check_sampling(top_k=top_k, top_p=top_p)
     logits = logits.clone()
-    if top_k is not None and top_k > 0:
+    if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
         logits[logits < kth] = float("-inf")
     if top_p is not None and top_p < 1.0:
@@ -24,6 +36,7 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         # Drop a token when the tokens ranked above it already cover top_p; the top token always stays.
         drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
+        drop_sorted[:, 0] = False  # explicitly: a top_p below float32's smallest value compares as 0
         logits[drop_sorted.scatter(1, order, drop_sorted)] = float("-inf")
     return logits
 
@@ -40,6 +53,7 @@ def generate(
     stop_token: int | None = None,
 ) -> torch.Tensor:
     """idx: (B, T) prompt ids -> (B, T + n) ids. temperature=0 is greedy decoding."""
+    check_sampling(temperature, top_k, top_p)
     vocab_size = model.config.vocab_size
     for _ in range(max_new_tokens):
         context = idx[:, -model.config.max_length :]
@@ -68,6 +82,11 @@ def complete(
     """The text the model appends to `prompt` (the prompt itself is not repeated)."""
     device = next(model.parameters()).device
     ids = tokenizer.encode(prompt).ids or [eot_id(tokenizer)]  # an empty prompt starts a new document
+    if len(ids) > model.config.max_length:
+        raise ConfigError(
+            f"prompt is {len(ids)} tokens but the model's context is {model.config.max_length} tokens "
+            f"(model.net.max_length): shorten the prompt (it starts {prompt[:40]!r})"
+        )
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     out = generate(model, idx, max_new_tokens, temperature, top_k, top_p, generator)
     return decode_utf8(tokenizer, out[0, len(ids) :].tolist())  # whole characters only
@@ -94,7 +113,13 @@ def load_gpt_checkpoint(ckpt_path: str, key: str = "ckpt_path") -> tuple[GPT, To
     state = {k[len("net.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
     model = GPT(GPTConfig.from_dict(hparams["net"]))
     model.load_state_dict(state)
-    return model, Tokenizer.from_str(tokenizer_json)
+    tokenizer = Tokenizer.from_str(tokenizer_json)
+    if tokenizer.get_vocab_size() > model.config.vocab_size:
+        raise ConfigError(
+            f"{key}: checkpoint {ckpt_path} holds a tokenizer of {tokenizer.get_vocab_size()} tokens for a model of "
+            f"{model.config.vocab_size}: they were not trained together"
+        )
+    return model, tokenizer
 
 
 def load_checkpoint_for_generation(ckpt_path: str, device: str = "cpu") -> tuple[GPT, Tokenizer]:
@@ -124,6 +149,12 @@ def read_prompt(cfg: Any) -> str:
 def sample_from_checkpoint(cfg: Any, prompt: str) -> list[str]:
     """generate.py: cfg has ckpt_path, num_samples, max_new_tokens, temperature, top_k, top_p, seed, device.
     Returns the continuations of `prompt` (see read_prompt)."""
+    check_sampling(cfg.temperature, cfg.top_k, cfg.top_p)
+    if cfg.num_samples < 1 or cfg.max_new_tokens < 0:
+        raise ConfigError(
+            f"num_samples={cfg.num_samples} and max_new_tokens={cfg.max_new_tokens}: expected num_samples >= 1 "
+            "and max_new_tokens >= 0"
+        )
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_checkpoint_for_generation(cfg.ckpt_path, device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)

@@ -8,10 +8,12 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class, instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from .callbacks.hparams import HParamsSession
-from .checkpoints import checkpoint_step, read_checkpoint
+from .callbacks.preemption import EXIT_STATUS
+from .checkpoints import checkpoint_step, read_checkpoint, resolve_ckpt_path
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -71,13 +73,17 @@ def metrics_of(trainer: L.Trainer) -> dict[str, float]:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit the configured model on the configured data; returns the last logged metrics."""
-    if cfg.get("ckpt_path"):  # a missing, broken or foreign file fails here, before anything is built
-        check_checkpoint_fits(get_class(cfg.model._target_), cfg.ckpt_path)
+    """Fit the configured model on the configured data; returns the last logged metrics. Stopped by
+    SIGTERM, it exits with status 143 after saving last.ckpt (callbacks/preemption.py)."""
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name)
+    if ckpt_path:  # a missing, broken or foreign file fails here, before anything is built
+        check_checkpoint_fits(get_class(cfg.model._target_), ckpt_path)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data, _convert_="all")
     model = instantiate(cfg.model, _convert_="all")
+    if ckpt_path:
+        check_data_matches(datamodule, ckpt_path)
     resolved = {
         k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
         for k, v in cfg.items()
@@ -87,11 +93,31 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer = build_trainer(cfg, callbacks=[HParamsSession(resolved)])
     for logger in trainer.loggers:
         logger.log_hyperparams(resolved)  # hparams.yaml beside the events
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        raise SystemExit(EXIT_STATUS) from None
     metrics = metrics_of(trainer)
     if trainer.is_global_zero:
         report(trainer.global_step, trainer, datamodule, metrics)
     return metrics
+
+
+def check_data_matches(datamodule: L.LightningDataModule, ckpt_path: str) -> None:
+    """Before resuming: give the DataModule the checkpoint's state (its tokenizer) now, so data that
+    does not match the checkpoint is one clear error instead of a shape error while the weights load,
+    or, with a vocabulary of the same size, silently wrong token ids."""
+    path = Path(ckpt_path)
+    source = path / "meta.pt" if path.is_dir() else path  # FSDP2 folders keep the non-tensor state there
+    if not source.is_file():
+        return
+    checkpoint = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+    state = checkpoint.get(type(datamodule).__qualname__)
+    if state:
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        datamodule.load_state_dict(state)
+
 
 
 def report(step: int, trainer: L.Trainer, datamodule: L.LightningDataModule, metrics: dict[str, float]) -> None:
@@ -142,7 +168,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         ) from None
     datamodule = instantiate(cfg.data, _convert_="all")
     trainer = build_trainer(cfg)
-    trainer.validate(model, datamodule=datamodule)
+    # ckpt_path again: Lightning restores the DataModule's state too, which checks the tokenizer.
+    trainer.validate(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     metrics = metrics_of(trainer)
     if trainer.is_global_zero:
         report(checkpoint_step(cfg.ckpt_path), trainer, datamodule, metrics)

@@ -65,59 +65,93 @@ def _caption(value: Any, where: str) -> str:
 
 
 def _image(root: Path, value: Any, where: str, key: str) -> Path:
-    if not isinstance(value, str) or not value:
-        raise DataFormatError(f"{where}: missing image path (expected a string under {key!r}, got {value!r})")
-    path = Path(value).expanduser()
-    path = path if path.is_absolute() else root / path
+    path = _image_path(root, value, where, key)
     if not path.is_file():
         raise DataPathError(f"{where}: image file {path} not found")
     return path
 
 
-def read_coco(path: Path, image_root: Path) -> list[Record]:
-    """COCO captions JSON: one record per annotation (an image with 5 captions gives 5 records)."""
+def _image_path(root: Path, value: Any, where: str, key: str) -> Path:
+    """`value` as a path (relative ones under `root`); a string that cannot be one is a format error."""
+    if not isinstance(value, str) or not value:
+        raise DataFormatError(f"{where}: missing image path (expected a string under {key!r}, got {value!r})")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        path = Path(value).expanduser()
+        path = path if path.is_absolute() else root / path
+        path.is_file()  # a NUL byte or an over-long name raises here
+    except (ValueError, OSError) as e:
+        raise DataFormatError(f"{where}: {key} {value!r} is not a usable path ({e})") from None
+    return path
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataFormatError(f"{path}: not UTF-8 text (invalid byte at offset {e.start})") from None
+
+
+def read_coco(path: Path, image_root: Path) -> list[Record]:
+    """COCO captions JSON: one record per annotation (an image with 5 captions gives 5 records).
+    Every image it names must exist: the error counts the missing ones and names the first."""
+    try:
+        data = json.loads(_read_text(path))
     except json.JSONDecodeError as e:
         raise DataFormatError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    except RecursionError:
+        raise DataFormatError(f"{path}: invalid JSON (nested too deeply)") from None
     if (
         not isinstance(data, dict)
         or not isinstance(data.get("images"), list)
         or not isinstance(data.get("annotations"), list)
     ):
         raise DataFormatError(f"{path}: expected a COCO captions object with 'images' and 'annotations' lists")
-    files: dict[Any, Any] = {}
+    files: dict[Any, Path] = {}
     for j, image in enumerate(data["images"]):
-        if not isinstance(image, dict) or "id" not in image:
-            raise DataFormatError(f"{path}: images[{j}]: expected an object with 'id' and 'file_name'")
-        files[image["id"]] = image.get("file_name")
-    checked: dict[Any, Path] = {}
+        if not isinstance(image, dict) or not isinstance(image.get("id"), (int, str)) or isinstance(image["id"], bool):
+            raise DataFormatError(
+                f"{path}: images[{j}]: expected an object with an integer or string 'id' and 'file_name'"
+            )
+        files[image["id"]] = _image_path(
+            image_root, image.get("file_name"), f"{path}: images[{j}] (id {image['id']!r})", "file_name"
+        )
     records = []
     for i, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict):
             raise DataFormatError(f"{path}: annotations[{i}]: expected an object, got {type(ann).__name__}")
-        where = f"{path}: annotations[{i}] (id {ann.get('id')!r}, image_id {ann.get('image_id')!r})"
-        if ann.get("image_id") not in files:
+        image_id = ann.get("image_id")
+        where = f"{path}: annotations[{i}] (id {ann.get('id')!r}, image_id {image_id!r})"
+        if not isinstance(image_id, (int, str)) or isinstance(image_id, bool) or image_id not in files:
             raise DataFormatError(f"{where}: image_id is not the id of any entry of 'images'")
-        caption = _caption(ann.get("caption"), where)
-        image_id = ann["image_id"]
-        if image_id not in checked:
-            checked[image_id] = _image(image_root, files[image_id], f"{where}, file_name", "file_name")
-        records.append(Record(checked[image_id], caption))
+        records.append(Record(files[image_id], _caption(ann.get("caption"), where)))
+    used = sorted({r.image for r in records})
+    missing = [p for p in used if not p.is_file()]
+    if missing:
+        raise DataPathError(
+            f"{path}: {len(missing)} of the {len(used)} images its annotations name are missing under "
+            f"{image_root}, e.g. {', '.join(str(p) for p in missing[:3])}; fix the file_name entries or set "
+            "image_root (data.train: [{path: ..., image_root: ...}])"
+        )
     return records
 
 
 def read_jsonl(path: Path, image_root: Path) -> list[Record]:
     records = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            where = f"{path}:{line_no}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataFormatError(f"{where}: not UTF-8 text (invalid byte at column {e.start + 1})") from None
             if not line.strip():
                 continue
-            where = f"{path}:{line_no}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataFormatError(f"{where}: invalid JSON ({e.msg})") from None
+            except RecursionError:
+                raise DataFormatError(f"{where}: invalid JSON (nested too deeply)") from None
             if not isinstance(record, dict):
                 raise DataFormatError(f"{where}: expected an object with 'image' and 'caption', got {record!r}")
             caption = _caption(record.get("caption"), where)
@@ -134,9 +168,16 @@ def read_folder(path: Path, template: str, classes: list[str]) -> list[Record]:
         caption = template.format(name)
         for image in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
             records.append(Record(image, caption, classes.index(name)))
-    if not records:
-        raise DataPathError(f"image folder {path} holds no class subfolders with images ({', '.join(IMAGE_SUFFIXES)})")
-    return records
+    if records:
+        return records
+    loose = [p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    if loose:
+        raise DataFormatError(
+            f"image folder {path} holds {len(loose)} images but no captions: a folder is captioned by its class "
+            f"subfolders ({path}/<class>/*.jpg); for captions of your own, list the images in a .jsonl of "
+            '{"image": ..., "caption": ...} lines or a COCO captions .json'
+        )
+    raise DataPathError(f"image folder {path} holds no class subfolders with images ({', '.join(IMAGE_SUFFIXES)})")
 
 
 def folder_classes(path: Path) -> list[str]:

@@ -19,6 +19,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError, DataFormatError, DataPathError
@@ -65,19 +66,30 @@ def list_files(paths: list[str]) -> list[Path]:
 
 
 def read_documents(files: list[Path], text_key: str = "text") -> Iterator[str]:
-    """One string per document: a whole text file, or one JSONL line's `text_key` field."""
+    """One string per document: a whole text file, or one JSONL line's `text_key` field. Files
+    must be UTF-8; anything else stops with the file (and line) named."""
     for path in files:
         if path.suffix in TEXT_SUFFIXES:
-            yield path.read_text(encoding="utf-8")
+            try:
+                yield path.read_bytes().decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataFormatError(f"{path}: not UTF-8 text (invalid byte at offset {e.start})") from None
             continue
-        with path.open(encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
+        with path.open("rb") as f:
+            for line_no, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataFormatError(
+                        f"{path}:{line_no}: not UTF-8 text (invalid byte at column {e.start + 1})"
+                    ) from None
                 if not line.strip():
                     continue
                 try:
                     record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataFormatError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
+                except (json.JSONDecodeError, RecursionError) as e:
+                    reason = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+                    raise DataFormatError(f"{path}:{line_no}: invalid JSON ({reason})") from None
                 if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
                     found = sorted(record) if isinstance(record, dict) else type(record).__name__
                     raise DataFormatError(
@@ -296,3 +308,17 @@ class TextDataModule(L.LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         # The tokenizer travels inside every checkpoint, so generate.py needs nothing but the file.
         return {"tokenizer": self.tokenizer.to_str() if self.tokenizer is not None else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """On resume (and in eval.py): the token ids on disk must mean what the weights learned, so the
+        checkpoint's tokenizer must be this data's."""
+        saved = state.get("tokenizer")
+        if not saved or self.tokenizer is None:
+            return
+        theirs = Tokenizer.from_str(saved)
+        if theirs.get_vocab() != self.tokenizer.get_vocab():
+            raise ConfigError(
+                f"ckpt_path: the checkpoint's tokenizer ({theirs.get_vocab_size()} tokens) is not this data's "
+                f"({self.tokenizer.get_vocab_size()} tokens, {self.cache_path / 'tokenizer.json'}); use the data "
+                "settings of the run that wrote the checkpoint (data.paths, data.tokenizer.*)"
+            )

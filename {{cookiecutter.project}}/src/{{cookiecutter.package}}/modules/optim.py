@@ -1,5 +1,6 @@
 """AdamW with weight decay on matrices only, and a linear-warmup + cosine learning-rate schedule."""
 
+import logging
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -7,6 +8,8 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def build_adamw(
@@ -52,6 +55,21 @@ class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
         self.peak_lr, self.warmup_steps = peak_lr, warmup_steps
         self.total_steps, self.min_lr_ratio = total_steps, min_lr_ratio
         super().__init__(optimizer)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """On resume the checkpoint's schedule wins: its length, warmup, peak and floor. When this
+        run's settings (trainer.max_steps, model.scheduler.*, model.optimizer.lr) planned another,
+        say so once: the cosine keeps its original shape."""
+        planned = {k: getattr(self, k) for k in ("total_steps", "warmup_steps", "peak_lr", "min_lr_ratio")}
+        super().load_state_dict(state_dict)
+        changed = [f"{k} {state_dict[k]} (this run: {v})" for k, v in planned.items() if state_dict.get(k, v) != v]
+        if changed:
+            log.warning(
+                "resuming keeps the checkpoint's LR schedule: %s; the cosine ends at step %d and the LR stays at "
+                "its floor after it; to plan a new schedule, start a new run from these weights instead of resuming",
+                ", ".join(changed),
+                self.total_steps,
+            )
 
     def get_lr(self) -> list[float]:
         lr = self.peak_lr * warmup_cosine(self.last_epoch, self.warmup_steps, self.total_steps, self.min_lr_ratio)

@@ -57,8 +57,9 @@ def command(args: argparse.Namespace, label: str, words: list[str], gpus: int) -
         ]  # fmt: skip
     return [
         sys.executable, str(ROOT / "bench.py"), f"model/net={args.net}", f"data.block_size={args.seq_len}",
-        f"data.tokenizer.vocab_size={args.vocab_size}", f"data.batch_size={args.batch}", f"model.compile={bool(args.compile)}",
-        f"bench.warmup={args.warmup}", f"bench.steps={args.steps}", *words, f"trainer.devices={gpus}",
+        f"data.tokenizer.vocab_size={args.vocab_size}", f"data.batch_size={args.batch}",
+        f"model.compile={bool(args.compile)}", f"bench.warmup={args.warmup}", f"bench.steps={args.steps}", *words,
+        f"trainer.devices={gpus}",
     ]  # fmt: skip
 
 

@@ -26,7 +26,8 @@ def test_scaling_times_the_reference_loop_and_a_preset_on_two_cpu_ranks(tmp_path
     assert [(r["run"], r["gpus"]) for r in rows] == [("reference", 2), ("fsdp", 2)]
     for row in rows:
         assert "error" not in row, row
-        assert row["step_ms"] > 0 and row["tokens_per_s_per_gpu"] == pytest.approx(2 * 32 / (row["step_ms"] / 1e3), rel=0.01)
+        assert row["step_ms"] > 0
+        assert row["tokens_per_s_per_gpu"] == pytest.approx(2 * 32 / (row["step_ms"] / 1e3), rel=0.01)
     table = proc.stdout.splitlines()
     assert table[0].startswith("| run | net | GPUs |")
     reference_row = next(line for line in table if line.startswith("| reference | tiny | 2 |"))
@@ -36,7 +37,7 @@ def test_scaling_times_the_reference_loop_and_a_preset_on_two_cpu_ranks(tmp_path
 def test_scaling_rejects_a_run_without_a_label():
     proc = subprocess.run([*SCALING, *TINY, "--run", "two words: trainer=fsdp"], capture_output=True, text=True)
     assert proc.returncode == 2
-    assert "expected \"LABEL: WORDS\" with a one-word label" in proc.stderr
+    assert 'expected "LABEL: WORDS" with a one-word label' in proc.stderr
 
 
 def test_reference_loop_asks_for_torchrun_when_started_alone():

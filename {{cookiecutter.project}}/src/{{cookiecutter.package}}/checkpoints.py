@@ -39,6 +39,8 @@ import torch
 
 from .errors import DataFormatError, DataPathError
 
+log = logging.getLogger(__name__)
+
 
 def read_checkpoint(ckpt_path: str | Path, key: str = "ckpt_path") -> dict[str, Any] | None:
     """The checkpoint at `ckpt_path` (memory-mapped: tensors are read when used), or None for a sharded
@@ -74,7 +76,6 @@ def checkpoint_step(ckpt_path: str | Path) -> int:
         checkpoint = torch.load(Path(ckpt_path) / "meta.pt", map_location="cpu", weights_only=True)
     return int((checkpoint or {}).get("global_step", 0))
 
-log = logging.getLogger(__name__)
 
 MARKER = ".complete"  # the last file written into a sharded checkpoint folder
 # Signals that must not interrupt a checkpoint write: Ctrl-C, a scheduler's stop, SLURM's warning.

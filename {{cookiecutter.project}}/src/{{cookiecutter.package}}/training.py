@@ -2,6 +2,7 @@
 
 import inspect
 import logging
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -117,7 +118,6 @@ def check_data_matches(datamodule: L.LightningDataModule, ckpt_path: str) -> Non
         datamodule.prepare_data()
         datamodule.setup("fit")
         datamodule.load_state_dict(state)
-
 
 
 def report(step: int, trainer: L.Trainer, datamodule: L.LightningDataModule, metrics: dict[str, float]) -> None:

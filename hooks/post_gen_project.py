@@ -31,6 +31,7 @@ MODULE_FILES = {
         "tests/test_gpt_model.py",
         "tests/test_text_data.py",
         "tests/test_gpt_training.py",
+        "tests/test_slurm.py",
         "docs/gpt.md",
     ],
     "distill": [

@@ -36,6 +36,7 @@ MODULE_OWNED = {
         "tests/test_gpt_model.py",
         "tests/test_text_data.py",
         "tests/test_gpt_training.py",
+        "tests/test_slurm.py",
         "docs/gpt.md",
     ],
     "distill": [

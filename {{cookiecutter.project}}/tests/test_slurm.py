@@ -1,5 +1,7 @@
-"""Against a running SLURM (`sudo make slurm-up`): sweeps through launcher=slurm, deploy/slurm.sbatch
-across a time limit (signal, requeue, resume), and DDP across the tasks of one job.
+"""SLURM. First the requeue path in one process, with SLURM's variables and a stand-in `scontrol`;
+then against a running SLURM (`sudo make slurm-up`, tests marked `slurm`): sweeps through
+launcher=slurm, deploy/slurm.sbatch across a time limit (signal, requeue, resume), and DDP across
+the tasks of one job.
 
 Jobs run the project as a user would, from its root; the environment of this process (its python,
 PYTHONPATH=src) reaches them through sbatch. Their run folders and logs are removed afterwards."""
@@ -7,17 +9,20 @@ PYTHONPATH=src) reaches them through sbatch. Their run folders and logs are remo
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
+from {{cookiecutter.package}}.training import train
+
 from .conftest import ROOT, TINY
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 # The tiny GPT on the test corpus, without per-validation text samples (they cost seconds each).
 FAST = [*TINY, "callbacks.text_samples=null", "data.num_workers=0"]
@@ -69,12 +74,12 @@ class Jobs:
     def wait(self, job_id: str, timeout: float) -> dict[str, str]:
         info = wait_until_ended(job_id, timeout)
         if info is None:
-            raise AssertionError(f"job {job_id} still {job_info(job_id)['JobState']} after {timeout} s:\n{self.log(job_id)}")
+            raise AssertionError(f"job {job_id} still {job_info(job_id)['JobState']} after {timeout} s:\n{self.log(job_id)[-4000:]}")
         return info
 
     def log(self, job_id: str) -> str:
         path = ROOT / "logs" / "slurm" / f"train-{job_id}.out"
-        return path.read_text()[-4000:] if path.exists() else f"(no log at {path})"
+        return path.read_text() if path.exists() else f"(no log at {path})"
 
     def cleanup(self) -> None:
         if self.ids:
@@ -90,6 +95,57 @@ def jobs():
     jobs.cleanup()
 
 
+class SignalDuringStep(L.Callback):
+    """Sends this process the requeue signal in the middle of optimizer step `step` (counting from
+    1), between backward and the weight update, as SLURM's timer may."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step + 1 == self.step:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def test_requeue_signal_mid_step_saves_at_the_step_boundary_and_the_requeued_run_resumes_exactly(
+    compose_cfg, tmp_path, monkeypatch, one_thread
+):
+    steps = ["callbacks.text_samples=null", "trainer.max_steps=12", "trainer.val_check_interval=6"]
+    straight = compose_cfg(overrides=steps)
+    straight.paths.output_dir = str(tmp_path / "straight")
+    train(straight)
+    ref = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt", weights_only=True)
+
+    # What srun sets for a 1-task job, and an `scontrol` that records its arguments.
+    slurm = {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NAME": "train", "SLURM_JOB_ID": "42"}
+    slurm |= {"SLURM_NODELIST": "node1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+    signalled = compose_cfg(overrides=[*steps, "+callbacks.signal._target_=tests.test_slurm.SignalDuringStep",
+                                       "+callbacks.signal.step=5"])
+    with pytest.raises(SystemExit) as stop:  # Lightning's SIGTERMException: the job is being requeued
+        train(signalled)
+    assert stop.value.code is None
+    run = Path(signalled.paths.output_dir)
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 42\n"
+    hpc = torch.load(run / "hpc_ckpt_1.ckpt", weights_only=True)
+    assert hpc["global_step"] == 5  # step 5 finished, then saved: no half-applied update
+    assert not (run / "checkpoints" / "last.ckpt").exists()  # it stopped there: no validation at step 6
+
+    requeued = compose_cfg(overrides=steps)  # the same job id and run folder, ckpt_path unset
+    train(requeued)
+    done = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert done["global_step"] == 12
+    for key, value in ref["state_dict"].items():
+        assert torch.equal(done["state_dict"][key], value), key
+
+
 @pytest.fixture
 def one_thread():
     """The in-process reference runs use one thread, like each SLURM task (--cpus-per-task=1)."""
@@ -99,6 +155,8 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slurm
+@pytest.mark.slow
 def test_a_sweep_with_launcher_slurm_runs_one_slurm_job_per_run(tmp_path, corpus, data_dir):
     """`python train.py -m launcher=slurm ...`: both jobs complete on SLURM, each run folder holds its
     checkpoint and Hydra config, submitit's logs are under <sweep>/.submitit/<job id>/."""
@@ -139,6 +197,8 @@ def test_a_sweep_with_launcher_slurm_runs_one_slurm_job_per_run(tmp_path, corpus
         assert (run / ".hydra" / "config.yaml").is_file()
 
 
+@pytest.mark.slurm
+@pytest.mark.slow
 def test_sbatch_job_past_its_time_limit_is_requeued_and_ends_with_the_uninterrupted_weights(
     compose_cfg, corpus, data_dir, jobs, one_thread
 ):
@@ -147,8 +207,6 @@ def test_sbatch_job_past_its_time_limit_is_requeued_and_ends_with_the_uninterrup
     finishes with exactly (bitwise) the weights and optimizer state of an uninterrupted run."""
     steps = ["trainer.max_steps=200", "trainer.val_check_interval=100"]
     straight = compose_cfg(overrides=[*FAST, *steps])
-    from {{cookiecutter.package}}.training import train
-
     train(straight)
     ref = torch.load(Path(straight.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
 
@@ -169,10 +227,12 @@ def test_sbatch_job_past_its_time_limit_is_requeued_and_ends_with_the_uninterrup
     )
     info = jobs.wait(job_id, timeout=400)
     log = jobs.log(job_id)
-    assert info["JobState"] == "COMPLETED", log
-    assert int(info["Restarts"]) >= 1, log  # scontrol show job counts the requeues
-    assert "restart 0" in log and "restart 1" in log, log  # the batch script's first line, per run
-    assert "Handling auto-requeue signal" in log and f"Requeued SLURM job: {job_id}" in log, log
+    tail = log[-4000:]
+    assert info["JobState"] == "COMPLETED", tail
+    assert int(info["Restarts"]) >= 1, tail  # scontrol show job counts the requeues
+    assert ", restart 0" in log and ", restart 1" in log, tail  # the batch script's first line, per run
+    assert "Handling auto-requeue signal" in log and f"Requeued SLURM job: {job_id}" in log, tail
+    assert f"Restoring states from the checkpoint path at {ROOT}/logs/train/slurm/{job_id}/hpc_ckpt_1.ckpt" in log
 
     run = ROOT / "logs" / "train" / "slurm" / job_id
     hpc = torch.load(run / "hpc_ckpt_1.ckpt", weights_only=True)
@@ -185,6 +245,8 @@ def test_sbatch_job_past_its_time_limit_is_requeued_and_ends_with_the_uninterrup
         assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
 
 
+@pytest.mark.slurm
+@pytest.mark.slow
 def test_two_tasks_of_one_job_train_as_two_ddp_ranks(compose_cfg, corpus, data_dir, jobs, one_thread):
     """--ntasks-per-node=2: Lightning builds a 2-rank gloo process group from the SLURM variables;
     each rank trains on its half of every global batch, so the weights match one process that
@@ -201,14 +263,12 @@ def test_two_tasks_of_one_job_train_as_two_ddp_ranks(compose_cfg, corpus, data_d
     )
     info = jobs.wait(job_id, timeout=300)
     log = jobs.log(job_id)
-    assert info["JobState"] == "COMPLETED", log
-    assert "GLOBAL_RANK: 0, MEMBER: 1/2" in log and "GLOBAL_RANK: 1, MEMBER: 2/2" in log, log
+    assert info["JobState"] == "COMPLETED", log[-4000:]
+    assert "GLOBAL_RANK: 0, MEMBER: 1/2" in log and "GLOBAL_RANK: 1, MEMBER: 2/2" in log, log[-4000:]
     ddp = torch.load(ROOT / "logs" / "train" / "slurm" / job_id / "checkpoints" / "last.ckpt", weights_only=True)
 
     # TINY's batch is 8 windows per rank: one process with 16 sees the same 16 windows per step.
     single = compose_cfg(overrides=[*FAST, "data.batch_size=16"])
-    from {{cookiecutter.package}}.training import train
-
     train(single)
     ref = torch.load(Path(single.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
     assert ddp["global_step"] == ref["global_step"] == 4

@@ -23,7 +23,6 @@ from {{cookiecutter.package}}.training import train
 
 from .conftest import ROOT, TINY
 
-
 # The tiny GPT on the test corpus, without per-validation text samples (they cost seconds each).
 FAST = [*TINY, "callbacks.text_samples=null", "data.num_workers=0"]
 # deploy/slurm.sbatch asks for 2 GPU nodes; these options fit it to the local one-node CPU cluster.
@@ -74,7 +73,8 @@ class Jobs:
     def wait(self, job_id: str, timeout: float) -> dict[str, str]:
         info = wait_until_ended(job_id, timeout)
         if info is None:
-            raise AssertionError(f"job {job_id} still {job_info(job_id)['JobState']} after {timeout} s:\n{self.log(job_id)[-4000:]}")
+            state = job_info(job_id)["JobState"]
+            raise AssertionError(f"job {job_id} still {state} after {timeout} s:\n{self.log(job_id)[-4000:]}")
         return info
 
     def log(self, job_id: str) -> str:
@@ -127,8 +127,9 @@ def test_requeue_signal_mid_step_saves_at_the_step_boundary_and_the_requeued_run
     (bin_dir / "scontrol").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
 
-    signalled = compose_cfg(overrides=[*steps, "+callbacks.signal._target_=tests.test_slurm.SignalDuringStep",
-                                       "+callbacks.signal.step=5"])
+    signalled = compose_cfg(
+        overrides=[*steps, "+callbacks.signal._target_=tests.test_slurm.SignalDuringStep", "+callbacks.signal.step=5"]
+    )
     with pytest.raises(SystemExit) as stop:  # Lightning's SIGTERMException: the job is being requeued
         train(signalled)
     assert stop.value.code is None

@@ -46,8 +46,9 @@ class SLURMRequeue(L.Callback):
     def _defer(self, signum: int, frame: FrameType | None) -> None:
         self.pending = True
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if self.lightning_handler is None or (batch_idx + 1) % trainer.accumulate_grad_batches:
             return  # not under SLURM, or between the micro-batches of one step (gradients are not saved)
         if not trainer.strategy.reduce_boolean_decision(self.pending, all=False):

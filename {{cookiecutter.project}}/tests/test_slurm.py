@@ -158,9 +158,13 @@ def one_thread():
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_a_sweep_with_launcher_slurm_runs_one_slurm_job_per_run(tmp_path, corpus, data_dir):
-    """`python train.py -m launcher=slurm ...`: both jobs complete on SLURM, each run folder holds its
-    checkpoint and Hydra config, submitit's logs are under <sweep>/.submitit/<job id>/."""
+def test_a_sweep_with_launcher_slurm_runs_one_slurm_job_per_run_and_each_survives_its_time_limit(
+    tmp_path, corpus, data_dir
+):
+    """`python train.py -m launcher=slurm ...` with 1-minute jobs whose first runs need 60 s of
+    training: both jobs are signalled, requeued by Lightning (not submitit) and resumed in their own
+    run folder; the command returns when both have completed. submitit's files are under
+    <sweep>/.submitit/<job id>/."""
     sweep = tmp_path / "sweep"
     cmd = [
         sys.executable,
@@ -171,13 +175,17 @@ def test_a_sweep_with_launcher_slurm_runs_one_slurm_job_per_run(tmp_path, corpus
         "trainer.devices=1",
         "hydra.launcher.gpus_per_node=null",
         "hydra.launcher.cpus_per_task=1",
-        "hydra.launcher.timeout_min=10",
+        "hydra.launcher.timeout_min=1",
+        "hydra.launcher.additional_parameters.signal=USR1@10",
         "model.optimizer.lr=1e-3,1e-2",
         *FAST,
-        "trainer.max_steps=2",
+        "trainer.max_steps=120",
+        "trainer.val_check_interval=60",
         f"data.paths=[{corpus}]",
         f"paths.data_dir={data_dir}",
         f"hydra.sweep.dir={sweep}",
+        "+callbacks.pace._target_=tests.conftest.PaceFirstRun",
+        "+callbacks.pace.seconds=0.5",
     ]
     proc = subprocess.run(cmd, cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -185,15 +193,19 @@ def test_a_sweep_with_launcher_slurm_runs_one_slurm_job_per_run(tmp_path, corpus
     logs = sorted(p for p in (sweep / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", p.name))
     assert len(logs) == 2, logs  # one folder per job: <array job id>_<index>
     script = next((sweep / ".submitit").glob("*/*_submission.sh")).read_text()
-    assert "#SBATCH --signal=USR1@90" in script and "#SBATCH --requeue" in script  # Lightning's requeue signal
+    assert "#SBATCH --signal=USR1@10" in script and "#SBATCH --requeue" in script  # not submitit's USR2
     for index, (lr, folder) in enumerate(zip([1e-3, 1e-2], logs)):
         job_id = folder.name
         assert job_id.endswith(f"_{index}")
-        assert wait_until_ended(job_id, 60)["JobState"] == "COMPLETED"  # its result is written just before
-        assert "Job completed successfully" in (folder / f"{job_id}_0_log.out").read_text()
+        info = wait_until_ended(job_id, 60)  # its result is written just before it ends
+        out = (folder / f"{job_id}_0_log.out").read_text()
+        err = (folder / f"{job_id}_0_log.err").read_text()
+        assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 1, out[-2000:] + err[-2000:]
+        assert "Job completed successfully" in out
         run = sweep / str(index)
+        assert f"Restoring states from the checkpoint path at {run}/hpc_ckpt_1.ckpt" in err
         ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
-        assert ckpt["global_step"] == 2
+        assert ckpt["global_step"] == 120
         assert ckpt["hyper_parameters"]["optimizer"]["lr"] == lr
         assert (run / ".hydra" / "config.yaml").is_file()
 

@@ -7,7 +7,9 @@ starts in the same run folder, where Lightning finds that file and resumes from 
 all this inside the signal handler, on whatever line the main thread is on: half-way through an
 optimizer update, or after the next batch was fetched, so the file's weights, step count and data
 position can disagree with each other. This callback keeps Lightning's handler and only moves the
-call to the end of a training step, where ModelCheckpoint saves too, and then ends the process.
+call to the end of the current training step (on_train_batch_end, where ModelCheckpoint's
+every_n_train_steps saves too; data/sampling.py resumes such a checkpoint at the next batch), and
+then ends the process.
 """
 
 import signal

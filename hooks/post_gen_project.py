@@ -35,6 +35,7 @@ MODULE_FILES = {
         "tests/test_text_data.py",
         "tests/test_gpt_training.py",
         "tests/test_generation_options.py",
+        "tests/test_slurm.py",
         "docs/gpt.md",
     ],
     "distill": [

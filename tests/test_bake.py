@@ -41,6 +41,7 @@ MODULE_OWNED = {
         "tests/test_text_data.py",
         "tests/test_gpt_training.py",
         "tests/test_generation_options.py",
+        "tests/test_slurm.py",
         "docs/gpt.md",
     ],
     "distill": [

@@ -5,6 +5,7 @@ import io
 import json
 {% endif -%}
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -25,12 +26,27 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 
 
+def slurm_is_up() -> bool:
+    """A SLURM controller answers and the local partition has a node that takes jobs."""
+    if shutil.which("sinfo") is None:
+        return False
+    try:
+        states = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=10).stdout
+    except subprocess.TimeoutExpired:
+        return False
+    return any(s.strip(" *~#") in ("idle", "mixed", "allocated", "completing") for s in states.split())
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
-    for item in items:
-        if item.get_closest_marker("gpu"):
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in items:
+            if item.get_closest_marker("gpu"):
+                item.add_marker(skip)
+    slurm = [item for item in items if item.get_closest_marker("slurm")]
+    if slurm and not slurm_is_up():
+        skip = pytest.mark.skip(reason="needs a running SLURM: no node answers sinfo (start one: sudo make slurm-up)")
+        for item in slurm:
             item.add_marker(skip)
 
 
@@ -237,3 +253,14 @@ class StallingCheckpointIO(TorchCheckpointIO):
             self.marker.write_text(str(os.getpid()))
             time.sleep(600)
         super().save_checkpoint(checkpoint, path, storage_options)
+class PaceFirstRun(L.Callback):
+    """Sleeps `seconds` after each step of a SLURM job's first run (SLURM_RESTART_COUNT unset or 0):
+    a job of N steps then outlasts a short time limit on any machine, and its requeued run trains
+    at full speed. Sleeping changes no number."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, *args: object) -> None:
+        if os.environ.get("SLURM_RESTART_COUNT", "0") == "0":
+            time.sleep(self.seconds)

@@ -45,7 +45,11 @@ class EpochSampler(DistributedSampler):
         """Skip what `trainer` already trained on in its current epoch (nothing on a fresh run)."""
         if trainer is not None:
             self.resume_epoch = trainer.current_epoch
-            self.skip = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+            # `processed`, not `completed`: a checkpoint saved in on_train_batch_end (ModelCheckpoint
+            # with every_n_train_steps, the SLURM requeue in callbacks/preemption.py) has trained that batch
+            # but not yet counted it as completed; Lightning adds it when it restores the loop, which
+            # happens after this. After a save at validation end the two are equal.
+            self.skip = trainer.fit_loop.epoch_loop.batch_progress.current.processed
         if self.skip:  # Lightning cannot see that this order resumes exactly, and would warn otherwise
             warnings.filterwarnings(
                 "ignore", "You're resuming from a checkpoint that ended before the epoch ended", PossibleUserWarning

@@ -253,6 +253,8 @@ class StallingCheckpointIO(TorchCheckpointIO):
             self.marker.write_text(str(os.getpid()))
             time.sleep(600)
         super().save_checkpoint(checkpoint, path, storage_options)
+
+
 class PaceFirstRun(L.Callback):
     """Sleeps `seconds` after each step of a SLURM job's first run (SLURM_RESTART_COUNT unset or 0):
     a job of N steps then outlasts a short time limit on any machine, and its requeued run trains

@@ -148,7 +148,8 @@ def build_app(backend: Backend, server: Any, metrics: Metrics, cache: ResultCach
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:  # 404, 405
-        return JSONResponse({"error": f"{request.method} {request.url.path}: {error.detail}", "field": None}, error.status_code)
+        message = f"{request.method} {request.url.path}: {error.detail}"
+        return JSONResponse({"error": message, "field": None}, error.status_code)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

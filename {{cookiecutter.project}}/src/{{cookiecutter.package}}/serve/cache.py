@@ -26,7 +26,9 @@ def model_fingerprint(ckpt_path: str) -> str:
 
 
 class ResultCache:
-    def __init__(self, url: str, fingerprint: str, metrics: Metrics, ttl_s: int, timeout_s: float, retry_s: float) -> None:
+    def __init__(
+        self, url: str, fingerprint: str, metrics: Metrics, ttl_s: int, timeout_s: float, retry_s: float
+    ) -> None:
         # Imported here: redis is only needed when the cache is on.
         from redis.asyncio import Redis
         from redis.asyncio.retry import Retry

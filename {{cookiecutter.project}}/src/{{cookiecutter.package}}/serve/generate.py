@@ -77,18 +77,24 @@ class TextGenerator:
         if unknown or missing:
             raise ConfigError(f"generate: unknown keys {unknown}, missing keys {missing}")
         try:  # the configured defaults obey the same rules as requests
-            self.defaults = self.check(Job(prompt="", **defaults), [self.eot])
+            self.defaults = self.check(Job(prompt="", **defaults), ids=None)
         except BadRequest as e:
             raise ConfigError(f"generate.{e}") from None
 
     def resolve(self, request: GenerateRequest, ids: list[int]) -> Job:
         """The request with the server's defaults for what it left out (null max_new_tokens or
-        temperature too; null top_k, top_p and seed mean no filter and no seed), checked."""
+        temperature too; null top_k, top_p and seed mean no filter and no seed), checked. The
+        default max_new_tokens shrinks to what the context leaves after the prompt; a number the
+        request gives does not."""
         given = request.model_dump(exclude_unset=True)
         given = {k: v for k, v in given.items() if v is not None or k in ("top_k", "top_p", "seed")}
-        return self.check(Job(**{**asdict(self.defaults), **given}), ids)
+        values = {**asdict(self.defaults), **given}
+        if "max_new_tokens" not in given:
+            values["max_new_tokens"] = max(1, min(values["max_new_tokens"], self.context - len(ids)))
+        return self.check(Job(**values), ids)
 
-    def check(self, job: Job, ids: list[int]) -> Job:
+    def check(self, job: Job, ids: list[int] | None) -> Job:
+        """Range checks; with the prompt's ids, also that prompt and new tokens fit the context."""
         check_range("max_new_tokens", job.max_new_tokens, 1, self.max_new_tokens_limit)
         check_range("temperature", job.temperature, 0, None)
         if job.top_k is not None:
@@ -97,6 +103,8 @@ class TextGenerator:
             check_range("top_p", job.top_p, 0, 1, low_open=True)
         if job.seed is not None:
             check_range("seed", job.seed, 0, 2**63 - 1)
+        if ids is None:
+            return job
         if len(ids) >= self.context:
             raise BadRequest(
                 "prompt", f"{len(ids)} tokens leave no room in the model's context of {self.context} tokens"

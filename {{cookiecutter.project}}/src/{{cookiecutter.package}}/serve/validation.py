@@ -47,7 +47,8 @@ def parse_body(raw: bytes, model: type[Model]) -> Model:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BadRequest("body", f"not valid JSON ({e})", status=400) from None
     if not isinstance(data, dict):
-        raise BadRequest("body", f"expected a JSON object, got {type(data).__name__ if data is not None else 'nothing'}")
+        got = type(data).__name__ if data is not None else "nothing"
+        raise BadRequest("body", f"expected a JSON object, got {got}")
     try:
         return model.model_validate(data, strict=True)
     except ValidationError as e:

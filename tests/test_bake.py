@@ -20,6 +20,7 @@ MODULE_OWNED = {
         "{pkg}/data/text.py",
         "{pkg}/generation.py",
         "{pkg}/api.py",
+        "{pkg}/serve/generate.py",
         "{pkg}/callbacks/samples.py",
         "configs/model/gpt.yaml",
         "configs/model/net/tiny.yaml",
@@ -36,6 +37,7 @@ MODULE_OWNED = {
         "tests/test_gpt_model.py",
         "tests/test_text_data.py",
         "tests/test_gpt_training.py",
+        "tests/test_serve_gpt.py",
         "docs/gpt.md",
     ],
     "distill": [
@@ -57,6 +59,7 @@ MODULE_OWNED = {
         "{pkg}/data/shapes.py",
         "{pkg}/callbacks/similarity.py",
         "{pkg}/pipeline.py",
+        "{pkg}/serve/embed.py",
         "configs/model/clip.yaml",
         "configs/model/clip_net/shapes.yaml",
         "configs/model/clip_net/tiny.yaml",
@@ -69,6 +72,7 @@ MODULE_OWNED = {
         "tests/test_contrastive.py",
         "tests/test_image_text_data.py",
         "tests/test_clip_training.py",
+        "tests/test_serve_clip.py",
     ],
 }
 DEFAULT_FILES = (Path(__file__).parent / "baked_files.txt").read_text().split()

@@ -16,12 +16,16 @@ READY = re.compile(r"serving \w+ from .* on (http://[\d.]+:\d+)")
 
 
 class LiveServer:
-    """`with LiveServer(ckpt, tmp_path, "server.cache_url=...") as server:` then `server.url`."""
+    """`with LiveServer("ckpt_path=...", "server.port=0", ...) as server:` then `server.url`: serve.py
+    with exactly these arguments, run from `cwd`, stopped on exit."""
 
-    def __init__(self, ckpt: Path | str, run_dir: Path, *overrides: str, cwd: Path = ROOT) -> None:
-        self.args = [str(ROOT / "serve.py"), f"ckpt_path={ckpt}", "server.port=0", f"hydra.run.dir={run_dir}"]
-        self.args += list(overrides)
+    def __init__(self, *args: str, cwd: Path = ROOT) -> None:
+        self.args = [str(ROOT / "serve.py"), *args]
         self.cwd, self.lines, self.url = cwd, [], ""
+
+    @classmethod
+    def on_free_port(cls, ckpt: Path | str, run_dir: Path, *overrides: str) -> "LiveServer":
+        return cls(f"ckpt_path={ckpt}", "server.port=0", f"hydra.run.dir={run_dir}", *overrides)
 
     def __enter__(self) -> "LiveServer":
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}

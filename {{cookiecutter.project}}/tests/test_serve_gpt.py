@@ -35,7 +35,7 @@ def gpt_ckpt(tmp_path_factory: pytest.TempPathFactory, data_dir: Path, corpus: P
 
 @pytest.fixture(scope="module")
 def server(gpt_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> LiveServer:
-    with LiveServer(gpt_ckpt, tmp_path_factory.mktemp("serve-run")) as live:
+    with LiveServer.on_free_port(gpt_ckpt, tmp_path_factory.mktemp("serve-run")) as live:
         yield live
 
 
@@ -192,7 +192,7 @@ def test_redis_caches_deterministic_results_and_a_stopped_redis_costs_no_request
     overrides = [f"server.cache_url={store.url}", "server.cache_retry_s=0.5"]
     greedy = {"prompt": PROMPT, "max_new_tokens": 8, "temperature": 0}
     try:
-        with LiveServer(gpt_ckpt, tmp_path, *overrides) as live:
+        with LiveServer.on_free_port(gpt_ckpt, tmp_path, *overrides) as live:
             assert httpx.get(f"{live.url}/health").json()["cache"] == "ok"
             first = post(live, "/generate", greedy).json()
             second = post(live, "/generate", greedy).json()

@@ -4,6 +4,8 @@ bad requests, Prometheus metrics, the Redis cache, startup errors and the load s
 import asyncio
 import json
 import os
+import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -14,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from {{cookiecutter.package}}.training import train
@@ -260,3 +263,66 @@ def test_load_script_reports_latency_percentiles_and_throughput(server, gpt_ckpt
         text=True,
     )
     assert remote.returncode == 2 and "loopback" in remote.stderr
+
+
+def doc_commands() -> list[str]:
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    return [line for block in re.findall(r"```bash\n(.*?)```", text, re.S) for line in block.strip().splitlines()]
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@pytest.mark.slow
+def test_deploy_doc_commands_run_as_written(gpt_ckpt, tmp_path):
+    """docs/deploy.md's shell lines: serve.py, curl and the load script run exactly as shown (from a
+    folder where `make demo`'s checkpoint is the test checkpoint); docker and kubectl lines name
+    the files test_deploy.py checks (there is no docker registry or cluster here)."""
+    commands = doc_commands()
+    starts = ("python serve.py ", "curl -s ", "python benchmarks/serve_load.py ", "docker ", "kubectl apply ")
+    assert all(c.startswith(starts) for c in commands), [c for c in commands if not c.startswith(starts)]
+    if not port_is_free(8000):
+        pytest.skip("port 8000, which the documented commands use, is taken on this machine")
+    checkpoints = tmp_path / "logs" / "demo" / "latest" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "last.ckpt").symlink_to(gpt_ckpt)
+    [serve_line] = [c for c in commands if c.startswith("python serve.py ")]
+    with LiveServer(*shlex.split(serve_line)[2:], cwd=tmp_path) as live:
+        assert live.url == "http://127.0.0.1:8000"
+        for line in commands:
+            if line.startswith("curl -s "):
+                proc = subprocess.run(line, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+                assert proc.returncode == 0, (line, proc.stderr)
+                if "/metrics" in line:
+                    assert any(f.name == "serve_requests" for f in text_string_to_metric_families(proc.stdout))
+                else:
+                    answer = json.loads(proc.stdout)
+                    assert answer.get("status") == "ok" or answer.get("completion_tokens") == 20, answer
+            elif line.startswith("python benchmarks/serve_load.py "):
+                args = shlex.split(line)[2:]
+                proc = subprocess.run(
+                    [sys.executable, str(ROOT / "benchmarks" / "serve_load.py"), *args],
+                    cwd=tmp_path,
+                    capture_output=True,
+                    text=True,
+                    timeout=600,
+                )
+                assert proc.returncode == 0, proc.stderr[-2000:]
+                assert [line.split("|")[1].strip() for line in proc.stdout.splitlines()[-3:]] == ["1", "8", "32"]
+    for line in commands:
+        if line.startswith("docker build "):
+            words = shlex.split(line)
+            assert (ROOT / words[words.index("-f") + 1]).is_file()
+            image = words[words.index("-t") + 1]
+            deployment = next(yaml.safe_load_all((ROOT / "deploy" / "k8s.yaml").read_text()))
+            assert deployment["spec"]["template"]["spec"]["containers"][0]["image"].startswith(image + ":")
+        elif line.startswith("docker run "):
+            assert "-p 8000:8000" in line and ":/models:ro" in line
+        elif line.startswith("kubectl apply "):
+            assert (ROOT / shlex.split(line)[-1]).is_file()

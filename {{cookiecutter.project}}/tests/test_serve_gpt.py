@@ -88,7 +88,6 @@ async def _burst(url: str, bodies: list[dict]) -> list[httpx.Response]:
         return await asyncio.gather(*(client.post("/generate", json=b) for b in bodies))
 
 
-@pytest.mark.slow
 def test_32_concurrent_requests_are_all_answered_in_shared_batches(server):
     bodies = []
     for i in range(32):
@@ -136,7 +135,6 @@ BAD = [
 ]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("raw, status, field, message", BAD, ids=[f"{b[2]}-{i}" for i, b in enumerate(BAD)])
 def test_a_bad_request_gets_a_4xx_naming_the_field_and_the_next_good_one_works(server, raw, status, field, message):
     response = post(server, "/generate", raw)
@@ -147,7 +145,6 @@ def test_a_bad_request_gets_a_4xx_naming_the_field_and_the_next_good_one_works(s
     assert good.status_code == 200 and good.json()["completion_tokens"] == 2
 
 
-@pytest.mark.slow
 def test_a_streamed_body_over_the_limit_is_cut_off_with_413(server):
     def chunks():
         for _ in range(10):
@@ -158,7 +155,6 @@ def test_a_streamed_body_over_the_limit_is_cut_off_with_413(server):
     assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
 
 
-@pytest.mark.slow
 def test_unknown_routes_and_methods_are_json_errors(server):
     missing = httpx.get(f"{server.url}/nope")
     assert missing.status_code == 404 and missing.json()["error"] == "GET /nope: Not Found"
@@ -167,7 +163,6 @@ def test_unknown_routes_and_methods_are_json_errors(server):
     assert health == {"status": "ok", "model": "gpt", "context": 32, "vocab_size": 512, "cache": "off"}
 
 
-@pytest.mark.slow
 def test_metrics_parse_and_count_requests_latency_tokens_and_batches(server):
     before = metrics(server)
     assert post(server, "/generate", {"prompt": PROMPT, "max_new_tokens": 3, "temperature": 0}).status_code == 200

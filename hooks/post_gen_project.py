@@ -19,6 +19,7 @@ MODULE_FILES = {
         f"{PKG}/data/text.py",
         f"{PKG}/generation.py",
         f"{PKG}/api.py",
+        f"{PKG}/serve/generate.py",
         f"{PKG}/callbacks/samples.py",
         "configs/model/gpt.yaml",
         "configs/model/net",
@@ -36,6 +37,7 @@ MODULE_FILES = {
         "tests/test_gpt_training.py",
         "tests/test_generation_options.py",
         "tests/test_slurm.py",
+        "tests/test_serve_gpt.py",
         "docs/gpt.md",
     ],
     "distill": [
@@ -57,6 +59,7 @@ MODULE_FILES = {
         f"{PKG}/data/shapes.py",
         f"{PKG}/callbacks/similarity.py",
         f"{PKG}/pipeline.py",
+        f"{PKG}/serve/embed.py",
         "configs/model/clip.yaml",
         "configs/model/clip_net",
         "configs/data/image_text.yaml",
@@ -68,6 +71,7 @@ MODULE_FILES = {
         "tests/test_image_text_data.py",
         "tests/test_clip_training.py",
         "docs/clip.md",
+        "tests/test_serve_clip.py",
     ],
 }
 

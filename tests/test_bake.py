@@ -21,6 +21,7 @@ MODULE_OWNED = {
         "{pkg}/data/text.py",
         "{pkg}/generation.py",
         "{pkg}/api.py",
+        "{pkg}/serve/generate.py",
         "{pkg}/callbacks/samples.py",
         "configs/model/gpt.yaml",
         "configs/model/net/tiny.yaml",
@@ -42,6 +43,7 @@ MODULE_OWNED = {
         "tests/test_gpt_training.py",
         "tests/test_generation_options.py",
         "tests/test_slurm.py",
+        "tests/test_serve_gpt.py",
         "docs/gpt.md",
     ],
     "distill": [
@@ -63,6 +65,7 @@ MODULE_OWNED = {
         "{pkg}/data/shapes.py",
         "{pkg}/callbacks/similarity.py",
         "{pkg}/pipeline.py",
+        "{pkg}/serve/embed.py",
         "configs/model/clip.yaml",
         "configs/model/clip_net/shapes.yaml",
         "configs/model/clip_net/tiny.yaml",
@@ -76,6 +79,7 @@ MODULE_OWNED = {
         "tests/test_image_text_data.py",
         "tests/test_clip_training.py",
         "docs/clip.md",
+        "tests/test_serve_clip.py",
     ],
 }
 DEFAULT_FILES = (Path(__file__).parent / "baked_files.txt").read_text().split()

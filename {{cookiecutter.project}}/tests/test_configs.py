@@ -87,10 +87,10 @@ def test_every_option_composes_and_instantiates(compose_cfg, group):
         instantiate(cfg.model, _convert_="all")
 
 
-@pytest.mark.parametrize("config_name", ["train", "eval"{% if cookiecutter.gpt %}, "generate"{% endif %}])
+@pytest.mark.parametrize("config_name", ["train", "eval"{% if cookiecutter.gpt %}, "generate"{% endif %}, "serve"])
 def test_entry_configs_compose(compose_cfg, config_name):
     overrides = ["ckpt_path=some.ckpt"] if config_name != "train" else []
-    cfg = compose_cfg(config_name, overrides, tiny=config_name != "generate")
+    cfg = compose_cfg(config_name, overrides, tiny=config_name in ("train", "eval"))
     assert cfg.task_name == config_name
 
 

@@ -11,6 +11,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, TensorDataset
 
 from {{cookiecutter.package}}.callbacks.nonfinite import NonFiniteLoss
@@ -345,11 +346,15 @@ def test_slurm_sigusr1_runs_lightnings_requeue_at_the_next_step_boundary(tmp_pat
     for key, value in {**slurm, "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}.items():
         monkeypatch.setenv(key, value)
 
-    trainer = fit(tmp_path, Regression(), Preemption(), SignalMidStep(signal.SIGUSR1, step=2), max_steps=4)
-    [hpc] = Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt")
+    with pytest.raises(SIGTERMException):  # the run leaves after the requeue, as on SIGTERM
+        fit(tmp_path, Regression(), Preemption(), SignalMidStep(signal.SIGUSR1, step=2), max_steps=4)
+    [hpc] = tmp_path.glob("hpc_ckpt_*.ckpt")  # the only save: no last.ckpt written again on the way out
     assert torch.load(hpc, weights_only=True)["global_step"] == 2  # step 2 whole, not the state inside it
     assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "4242"]  # Lightning's requeue
-    assert trainer.global_step == 4
+    assert (
+        not (tmp_path / "checkpoints" / "last.ckpt").exists()
+        or torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] <= 2
+    )
 
 
 def test_every_test_named_in_docs_reliability_exists():

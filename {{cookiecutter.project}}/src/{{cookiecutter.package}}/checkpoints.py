@@ -7,14 +7,18 @@ and `<Module>.load_from_checkpoint` read it, and it loads with torch.load(weight
 """
 
 import argparse
+import importlib.util
 import os
+import pickle
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
-from .errors import DataPathError
+from .errors import ConfigError, DataPathError
 
 
 def is_fsdp_folder(path: Path) -> bool:
@@ -57,6 +61,63 @@ def consolidate(src: str | Path, dst: str | Path) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return dst
+
+
+def read_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict[str, Any]:
+    """torch.load(weights_only=True) of a single-file checkpoint, a quantized one included: torchao's
+    tensor classes become loadable once torchao is imported, so it is imported only when a file
+    needs it. `key` is the config key that named the file, for the error messages."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "torchao" not in str(e):
+            raise ConfigError(f"{key}: {path} is not a checkpoint written by this project ({e.__class__.__name__})") from e
+        if importlib.util.find_spec("torchao") is None:
+            raise ConfigError(f"{key}: {path} holds torchao-quantized weights; install torchao to load it") from e
+    import torchao.quantization  # noqa: F401  (registers its tensor classes with torch.load)
+
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def net_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The network's weights from a train.py (or quantize.py) checkpoint: keys "net.<...>" without
+    the prefix, and without the "_orig_mod." that torch.compile adds."""
+    return {
+        k.removeprefix("net.").replace("_orig_mod.", ""): v
+        for k, v in checkpoint["state_dict"].items()
+        if k.startswith("net.")
+    }
+
+
+def load_net(net: nn.Module, checkpoint: dict[str, Any]) -> nn.Module:
+    """Load a checkpoint's network weights into `net` (built from the checkpoint's config). Quantized
+    weights (quantize.py) replace the float parameters instead of being copied into them, and weights
+    tied in `net` (the GPT's embedding and head) are tied again afterwards."""
+    state = net_state(checkpoint)
+    if not checkpoint.get("quantization"):
+        net.load_state_dict(state)
+        return net
+    tied = tied_parameters(net)
+    net.load_state_dict(state, assign=True)
+    retie(net, tied)
+    return net
+
+
+def tied_parameters(net: nn.Module) -> list[list[str]]:
+    """Groups of parameter names that share one tensor (e.g. [["tok_emb.weight", "lm_head.weight"]])."""
+    groups: dict[int, list[str]] = {}
+    for name, p in net.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def retie(net: nn.Module, tied: list[list[str]]) -> None:
+    """Make every name of each group point at the first name's parameter again."""
+    for first, *others in tied:
+        shared = net.get_parameter(first)
+        for name in others:
+            owner, _, attr = name.rpartition(".")
+            setattr(net.get_submodule(owner), attr, shared)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -69,6 +69,8 @@ def read_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict[str, Any]:
     needs it. `key` is the config key that named the file, for the error messages."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except (KeyError, EOFError, RuntimeError) as e:  # not a torch.save file at all (text, truncated, ...)
+        raise ConfigError(f"{key}: {path} is not a checkpoint written by this project ({e.__class__.__name__})") from e
     except pickle.UnpicklingError as e:
         if "torchao" not in str(e):
             raise ConfigError(f"{key}: {path} is not a checkpoint written by this project ({e.__class__.__name__})") from e

@@ -8,6 +8,8 @@ import pytest
 import torch
 from hydra.core.global_hydra import GlobalHydra
 
+pytest.importorskip("torchao")
+
 from {{cookiecutter.package}}.checkpoints import read_checkpoint
 from {{cookiecutter.package}}.errors import ConfigError
 from {{cookiecutter.package}}.generation import generate, load_checkpoint_for_generation
@@ -16,8 +18,6 @@ from {{cookiecutter.package}}.quantize import prepare_qat, quantize_net, run, st
 from {{cookiecutter.package}}.training import train
 
 from .conftest import compose_at, run_script
-
-pytest.importorskip("torchao")
 
 
 def tiny() -> GPT:
@@ -112,13 +112,22 @@ def test_bad_input_gets_one_clear_error(trained, tmp_path, data_dir):
     torch.save({"state_dict": {"w": torch.zeros(2)}}, not_a_model)
     text = tmp_path / "notes.ckpt"
     text.write_text("hello")
+    methods = r"\['float8_dynamic', 'int8_dynamic', 'int8_weight_only'\]"
     cases = [
-        (["quantize.method=int3"], r"quantize.method='int3' is not a quantization method; expected one of \['float8_dynamic', 'int8_dynamic', 'int8_weight_only'\]"),
-        (["quantize.method=float8_dynamic"], r"quantize.method=float8_dynamic needs a CUDA GPU of compute capability 8.9 or newer and this run is on cpu; methods that run here: \['int8_dynamic', 'int8_weight_only'\]"),
-        ([f"ckpt_path={not_a_model}"], rf"ckpt_path: {not_a_model} holds no GPT.* network written by train.py \(expected hyper_parameters.net; the file has \[\]\)"),
+        (["quantize.method=int3"], rf"quantize.method='int3' is not a quantization method; expected one of {methods}"),
+        (
+            ["quantize.method=float8_dynamic"],
+            r"quantize.method=float8_dynamic needs a CUDA GPU of compute capability 8.9 or newer and this run is "
+            r"on cpu; methods that run here: \['int8_dynamic', 'int8_weight_only'\]",
+        ),
+        (
+            [f"ckpt_path={not_a_model}"],
+            rf"ckpt_path: {not_a_model} holds no GPT.* network written by train.py "
+            r"\(expected hyper_parameters.net; the file has \[\]\)",
+        ),
         ([f"ckpt_path={text}"], rf"ckpt_path: {text} is not a checkpoint written by this project"),
         ([f"ckpt_path={tmp_path / 'missing.ckpt'}"], r"is not a file \(expected a .ckpt written by train.py\)"),
-    ]  # fmt: skip
+    ]
     for overrides, message in cases:
         cfg = compose_at(tmp_path, data_dir, None, "quantize",
                          [f"ckpt_path={ckpt}", *data, "device=cpu", *overrides], tiny=False)  # fmt: skip

@@ -67,13 +67,14 @@ def read_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict[str, Any]:
     """torch.load(weights_only=True) of a single-file checkpoint, a quantized one included: torchao's
     tensor classes become loadable once torchao is imported, so it is imported only when a file
     needs it. `key` is the config key that named the file, for the error messages."""
+    not_ours = f"{key}: {path} is not a checkpoint written by this project"
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (KeyError, EOFError, RuntimeError) as e:  # not a torch.save file at all (text, truncated, ...)
-        raise ConfigError(f"{key}: {path} is not a checkpoint written by this project ({e.__class__.__name__})") from e
+        raise ConfigError(f"{not_ours} ({e.__class__.__name__})") from e
     except pickle.UnpicklingError as e:
         if "torchao" not in str(e):
-            raise ConfigError(f"{key}: {path} is not a checkpoint written by this project ({e.__class__.__name__})") from e
+            raise ConfigError(f"{not_ours} ({e.__class__.__name__})") from e
         if importlib.util.find_spec("torchao") is None:
             raise ConfigError(f"{key}: {path} holds torchao-quantized weights; install torchao to load it") from e
     import torchao.quantization  # noqa: F401  (registers its tensor classes with torch.load)

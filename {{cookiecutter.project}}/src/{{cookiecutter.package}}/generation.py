@@ -1,4 +1,5 @@
-"""Autoregressive sampling from a GPT (temperature, top-k, nucleus top-p), and loading one from a checkpoint."""
+"""Autoregressive sampling from a GPT (temperature, top-k, nucleus top-p) through its KV cache, and
+loading one from a checkpoint (train.py's or quantize.py's)."""
 
 import weakref
 from collections.abc import Sequence
@@ -10,8 +11,8 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 from torch import nn
 
-from .data.tokenizer import eot_id
 from .checkpoints import load_net, read_checkpoint
+from .data.tokenizer import eot_id
 from .errors import ConfigError, DataPathError
 from .models.gpt import GPT, GPTConfig
 

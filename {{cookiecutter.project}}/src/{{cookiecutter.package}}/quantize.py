@@ -112,7 +112,9 @@ def prepare_qat(net: nn.Module, method: str) -> nn.Module:
     if method not in ("int8_weight_only", "int8_dynamic"):
         raise ConfigError(f"model.qat={method!r}: expected null, int8_weight_only or int8_dynamic")
     weights = IntxFakeQuantizeConfig(torch.int8, "per_channel", is_symmetric=True)
-    activations = IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False) if method == "int8_dynamic" else None
+    activations = None
+    if method == "int8_dynamic":
+        activations = IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False)
     quantize_(net, QATConfig(activation_config=activations, weight_config=weights, step="prepare"))
     return net
 
@@ -131,7 +133,7 @@ NETWORKS = "{% if cookiecutter.gpt %}GPT{% endif %}{% if cookiecutter.gpt and co
 
 
 def network_kind(checkpoint: Any, path: str) -> str:
-    """"gpt" or "clip" from the checkpoint's hyper-parameters; one clear error for anything else."""
+    """The network's kind ("gpt" or "clip") from the checkpoint's hyper-parameters; one clear error for anything else."""
     if not isinstance(checkpoint, dict):
         checkpoint = {}
     if checkpoint.get("quantization"):
@@ -182,14 +184,14 @@ def decode_tokens_per_sec(net: nn.Module, device: torch.device, settings: DictCo
     """Greedy decoding at batch 1 through the KV cache: new tokens / median seconds per call."""
     from .generation import generate
 
-    prompt = torch.randint(0, net.config.vocab_size, (1, settings.prompt_tokens), generator=torch.Generator().manual_seed(0))
-    prompt = prompt.to(device)
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, net.config.vocab_size, (1, settings.prompt_tokens), generator=generator).to(device)
     generate(net, prompt, settings.new_tokens, temperature=0)  # warm-up
     ms = median_step_ms(lambda: generate(net, prompt, settings.new_tokens, temperature=0), settings.repeats, device)
     return settings.new_tokens / (ms / 1e3)
 
 
-def measure(name: str, module: Any, kind: str, cfg: DictConfig, datamodule: Any, device: torch.device) -> dict[str, Any]:
+def measure(name: str, module: Any, kind: str, cfg: DictConfig, datamodule: Any, device: torch.device) -> dict:
     trainer = build_trainer(
         cfg, accelerator=device.type, devices=1, enable_progress_bar=False, enable_model_summary=False
     )
@@ -218,7 +220,8 @@ def save_quantized(checkpoint: dict[str, Any], net: nn.Module, method: str, out:
     written to a temporary file and renamed, so no half-written file is left behind."""
     import torchao
 
-    kept = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states", "lr_schedulers", "loops", "callbacks")}
+    training_state = ("state_dict", "optimizer_states", "lr_schedulers", "loops", "callbacks")
+    kept = {k: v for k, v in checkpoint.items() if k not in training_state}
     state = {f"net.{k}": v for k, v in net.state_dict().items()}
     quantized = {**kept, "state_dict": state, "quantization": {"method": method, "torchao": torchao.__version__}}
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -2,12 +2,16 @@
 recomputes the whole context for every token: the same tokens, greedy and seeded sampling, batched
 prompts of different lengths, prompts at and past the length limit."""
 
+import importlib.util
+
 import pytest
 import torch
 from torch import nn
 
 from {{cookiecutter.package}}.generation import generate, generate_batch
 from {{cookiecutter.package}}.models.gpt import GPT, GPTConfig
+
+from .conftest import ROOT
 
 
 def tiny(**overrides) -> GPT:
@@ -117,12 +121,12 @@ def test_a_network_without_a_cache_is_decoded_by_recomputing():
     assert torch.equal(generate(NoCache(model), idx, 15, temperature=0), generate(model, idx, 15, temperature=0))
 
 
+@pytest.mark.slow
 def test_compiled_decode_step_gives_the_same_tokens():
     model = tiny()
     idx = prompt(2, 6)
     torch._dynamo.reset()
-    # The eager backend traces the step as Inductor would (fullgraph, static shapes) without a C++ build.
-    compiled = generate(model, idx, 12, temperature=0, compile="default")
+    compiled = generate(model, idx, 12, temperature=0, compile="default")  # Inductor, fullgraph, static shapes
     assert torch.equal(compiled, generate(model, idx, 12, temperature=0))
 
 
@@ -144,3 +148,41 @@ def test_malformed_batches_are_rejected_by_name(kwargs, message):
 def test_cache_length_is_checked():
     with pytest.raises(ValueError, match=r"cache length 200 must be in \[1, max_length=128\]"):
         tiny().init_cache(1, 200)
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("decode_benchmark", ROOT / "benchmarks" / "decode.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_decode_benchmark_prints_the_reference_and_cached_rows(capsys):
+    # float8 needs a recent CUDA GPU: on the CPU its row says why it did not run, and the others run.
+    rows = load_benchmark().main(
+        ["--device", "cpu", "--batch", "1", "3", "--new-tokens", "4", "--warmup", "0", "--repeats", "1",
+         "--compile", "none", "--weights", "float", "int8_weight_only", "float8_dynamic"]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert [(r["weights"], r["path"], r["batch"]) for r in rows] == [
+        (w, p, b) for w in ("fp32", "int8_weight_only") for b in (1, 3) for p in ("no-cache", "cache")
+    ]
+    assert all(r["ttft_ms"] > 0 and r["e2e_ms"] > 0 and r["decode_tok_s"] > 0 for r in rows)
+    assert rows[0]["size_MB"] / rows[-1]["size_MB"] > 3.5  # the int8 rows' weights
+    assert "float8_dynamic    -             -  failed: --weights=float8_dynamic needs a CUDA GPU" in out
+    header = out.splitlines()[1].split()
+    assert header == ["weights", "path", "batch", "ttft_ms", "e2e_ms", "decode_tok_s", "size_MB"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--new-tokens", "1"], "--new-tokens must be at least 2"),
+        (["--batch", "0"], "--batch sizes must be positive"),
+        (["--weights", "int3"], "argument --weights: invalid choice: 'int3'"),
+    ],
+)
+def test_decode_benchmark_rejects_bad_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_benchmark().main(["--device", "cpu", *argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -133,7 +133,7 @@ NETWORKS = "{% if cookiecutter.gpt %}GPT{% endif %}{% if cookiecutter.gpt and co
 
 
 def network_kind(checkpoint: Any, path: str) -> str:
-    """The network's kind ("gpt" or "clip") from the checkpoint's hyper-parameters; one clear error for anything else."""
+    """The network's kind ("gpt" or "clip") from the checkpoint's hyper-parameters, or one clear error."""
     if not isinstance(checkpoint, dict):
         checkpoint = {}
     if checkpoint.get("quantization"):

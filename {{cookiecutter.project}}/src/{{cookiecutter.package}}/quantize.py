@@ -2,10 +2,10 @@
 
     python quantize.py ckpt_path=<run>/checkpoints/last.ckpt quantize.method=int8_weight_only
 
-writes <run>/checkpoints/last-int8_weight_only.ckpt, a checkpoint that generate.py{% if cookiecutter.clip %} and the
-pipeline{% endif %} load as they load any other, and prints a table: weight file size, the validation
-metrics{% if cookiecutter.gpt %} (loss and perplexity for a GPT{% if cookiecutter.clip %}, retrieval R@1 for CLIP{% endif %}){% else %} (retrieval R@1){% endif %} and decode speed,
-before and after. The quantized file holds torchao tensors: loading it needs torchao installed.
+writes <run>/checkpoints/last-int8_weight_only.ckpt, a checkpoint that generate.py and the CLIP
+pipeline load as they load any other, and prints a table: weight file size, the validation metrics
+(loss and perplexity for a GPT, retrieval R@1 for CLIP) and decode speed (GPT), before and after.
+The quantized file holds torchao tensors: loading it needs torchao installed.
 
 Which methods run where (torchao 0.18):
   int8_weight_only  int8 weights, float activations: CPU and CUDA; the memory-bound decode gains
@@ -209,7 +209,7 @@ def measure(name: str, module: Any, kind: str, cfg: DictConfig, datamodule: Any,
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     columns = list(rows[0])
-    cells = [[f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in columns] for r in rows]
+    cells = [[f"{r[c]:.5g}" if isinstance(r[c], float) else str(r[c]) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     lines = [" | ".join(c.ljust(w) for c, w in zip(columns, widths)), "-|-".join("-" * w for w in widths)]
     return "\n".join(lines + [" | ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells])

@@ -128,6 +128,10 @@ def test_compiled_decode_step_gives_the_same_tokens():
     torch._dynamo.reset()
     compiled = generate(model, idx, 12, temperature=0, compile="default")  # Inductor, fullgraph, static shapes
     assert torch.equal(compiled, generate(model, idx, 12, temperature=0))
+    # A second call reuses the static cache (stale values from the first call are never read).
+    other = prompt(2, 6, seed=5)
+    again = generate(model, other, 12, temperature=0, compile="default")
+    assert torch.equal(again, generate(model, other, 12, temperature=0))
 
 
 @pytest.mark.parametrize(

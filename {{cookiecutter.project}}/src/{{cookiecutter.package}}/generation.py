@@ -73,10 +73,11 @@ class _Cached:
         self.seq, self.pad = idx, pad  # (B, C) all tokens so far, left-padded; (B,)
         window = min(idx.size(1), limit)
         # Slots for the prompt and every new token but the last (it is sampled, never run), up to the limit.
-        self.cache = model.init_cache(idx.size(0), min(window + max_new_tokens - 1, limit))
-        if step is not model.decode:  # compiled: the buffers must keep their addresses (CUDA graphs)
-            for t in self.cache.tensors():
-                torch._dynamo.mark_static_address(t)
+        length = min(window + max_new_tokens - 1, limit)
+        if step is model.decode:
+            self.cache = model.init_cache(idx.size(0), length)
+        else:  # compiled: one cache per shape, reused, so a CUDA graph replays on the same addresses
+            self.cache = static_cache(model, idx.size(0), length)
         self.next_slot = window
 
     def _prefill(self) -> torch.Tensor:
@@ -97,7 +98,21 @@ class _Cached:
         return self.step(new, slot, self.cache)
 
 
-_COMPILED: "weakref.WeakKeyDictionary[nn.Module, dict[str, Any]]" = weakref.WeakKeyDictionary()
+# Per model: its compiled decode step per torch.compile mode, and its static caches per shape.
+_COMPILED: "weakref.WeakKeyDictionary[nn.Module, dict[Any, Any]]" = weakref.WeakKeyDictionary()
+
+
+def static_cache(model: nn.Module, batch_size: int, length: int) -> Any:
+    """The model's cache for this shape, made once and reused by every compiled call: its buffers
+    never move (marked static for torch.compile). Stale values in it are never read: the prefill
+    rewrites the slots it uses, and the mask hides the slots not written yet."""
+    caches = _COMPILED.setdefault(model, {}).setdefault("caches", {})
+    if (batch_size, length) not in caches:
+        cache = model.init_cache(batch_size, length)
+        for t in cache.tensors():
+            torch._dynamo.mark_static_address(t)
+        caches[batch_size, length] = cache
+    return caches[batch_size, length]
 
 
 def compiled_decode(model: nn.Module, mode: str) -> Any:
@@ -144,7 +159,8 @@ def generate(
     padding values are never read. Networks that offer a cache (init_cache and decode, as the GPT
     does) prefill each prompt once and then run one token per step; `use_cache=False`, or a network
     without them, recomputes the whole context for every token (padded rows then run one by one).
-    `compile`: a torch.compile mode ("default", "reduce-overhead", ...) for the one-token step.
+    `compile`: a torch.compile mode ("default", "reduce-overhead", ...) for the one-token step; its
+    cache is reused across calls (one compiled call at a time per model: not thread-safe).
     Past max_length the context is the last max_length tokens (a sliding window) either way."""
     pad = check_prompt(idx, lengths)
     if max_new_tokens < 0 or temperature < 0:

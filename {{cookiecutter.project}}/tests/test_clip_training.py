@@ -1,6 +1,7 @@
 """The CLIP path end to end on the CPU: train on shapes, TensorBoard, checkpoints, eval.py, the
 pipeline, retrieval metrics against torchmetrics, and the step benchmark."""
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -81,6 +82,20 @@ def test_train_logs_checkpoints_evaluates_and_serves(compose_cfg, tmp_path):
     assert len(labels) == 2 and set(labels[0]) == set(KINDS)
     assert sum(labels[0].values()) == pytest.approx(1.0, abs=1e-5)
     assert list(labels[0].values()) == sorted(labels[0].values(), reverse=True)
+
+    # quantize.py on the CLIP towers (int8 Linear layers; the ResNet's convolutions stay float), and
+    # the pipeline loading the quantized file as it loads any checkpoint.
+    if importlib.util.find_spec("torchao") is None:
+        return
+    data = [o for o in CLIP_TINY if not o.startswith("model")]  # quantize.py reads the network from the file
+    proc = run_script("quantize.py", f"ckpt_path={last}", *data, f"hydra.run.dir={tmp_path / 'q'}")
+    header, _, *rows = [line for line in proc.stdout.splitlines() if " | " in line or "-|-" in line]
+    assert [c.strip() for c in header.split(" | ")] == ["weights", "size_MB", "val/i2t_R@1", "val/t2i_R@1"]
+    assert [r.split(" | ")[0].strip() for r in rows] == ["float32", "int8_weight_only"]
+    assert float(rows[0].split(" | ")[2]) == pytest.approx(metrics["val/i2t_R@1"], abs=1e-4)  # the float row
+    quantized = MultiModalPipeline.from_checkpoint(last.with_name("last-int8_weight_only.ckpt"), device="cpu")
+    assert type(quantized.net.text_tower.blocks[0].mlp.fc.weight).__name__ == "Int8Tensor"
+    torch.testing.assert_close(quantized(captions, [pil, array, str(path)]), similarity, atol=0.05, rtol=0)
 
 
 @pytest.mark.slow

@@ -87,11 +87,15 @@ def test_every_option_composes_and_instantiates(compose_cfg, group):
         instantiate(cfg.model, _convert_="all")
 
 
-@pytest.mark.parametrize("config_name", ["train", "eval"{% if cookiecutter.gpt %}, "generate"{% endif %}, "serve"])
+@pytest.mark.parametrize(
+    "config_name", ["train", "eval", "quantize", "serve"{% if cookiecutter.gpt %}, "generate", "export"{% endif %}]
+)
 def test_entry_configs_compose(compose_cfg, config_name):
     overrides = ["ckpt_path=some.ckpt"] if config_name != "train" else []
     cfg = compose_cfg(config_name, overrides, tiny=config_name in ("train", "eval"))
     assert cfg.task_name == config_name
+    if config_name == "quantize":  # the validation data it measures on
+        assert isinstance(instantiate(cfg.data, _convert_="all"), L.LightningDataModule)
 
 
 def test_default_config_is_the_demo_and_composes_without_overrides(compose_cfg):

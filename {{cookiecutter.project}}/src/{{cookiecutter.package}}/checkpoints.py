@@ -19,6 +19,7 @@ and `<Module>.load_from_checkpoint` read it, and it loads with torch.load(weight
 """
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -36,16 +37,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from .errors import DataFormatError, DataPathError
+from .errors import ConfigError, DataFormatError, DataPathError, UserInputError
 
 log = logging.getLogger(__name__)
 
 
 def read_checkpoint(ckpt_path: str | Path, key: str = "ckpt_path") -> dict[str, Any] | None:
     """The checkpoint at `ckpt_path` (memory-mapped: tensors are read when used), or None for a sharded
-    folder, which Lightning reads itself. A missing, truncated or foreign file is a user error that
-    names `key`, the config key that named it. torch's own message for a file it cannot unpickle
+    folder, which Lightning reads itself. A quantized file (quantize.py) loads too. A missing,
+    truncated or foreign file is a user error that names `key`, the config key that named it. torch's own message for a file it cannot unpickle
     with weights_only=True advises weights_only=False, i.e. running code from the file: wrong here,
     since train.py writes only tensors and plain containers."""
     path = Path(ckpt_path)
@@ -56,7 +58,23 @@ def read_checkpoint(ckpt_path: str | Path, key: str = "ckpt_path") -> dict[str, 
     if not path.is_file():
         raise DataPathError(f"{key}={str(ckpt_path)!r} does not exist (expected a .ckpt file written by train.py)")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as e:
+            # A quantize.py file: torchao's tensor classes load once torchao is imported, which is
+            # done only for a file that needs it.
+            if "torchao" not in str(e):
+                raise
+            if importlib.util.find_spec("torchao") is None:
+                raise ConfigError(
+                    f"{key}={str(ckpt_path)!r} holds torchao-quantized weights: install torchao "
+                    '(pip install -e ".[deploy]") to load it'
+                ) from None
+            import torchao.quantization  # noqa: F401  (registers its tensor classes with torch.load)
+
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except UserInputError:
+        raise
     except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError) as e:
         # torch's text for a pickle it will not run suggests weights_only=False: not repeated here.
         reason = "it holds objects that are not tensors" if "weights_only" in str(e) else str(e).splitlines()[0]
@@ -278,6 +296,47 @@ def consolidate(src: str | Path, dst: str | Path) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return dst
+
+
+def net_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The network's weights from a train.py (or quantize.py) checkpoint: keys "net.<...>" without
+    the prefix, and without the "_orig_mod." that torch.compile adds."""
+    return {
+        k.removeprefix("net.").replace("_orig_mod.", ""): v
+        for k, v in checkpoint["state_dict"].items()
+        if k.startswith("net.")
+    }
+
+
+def load_net(net: nn.Module, checkpoint: dict[str, Any]) -> nn.Module:
+    """Load a checkpoint's network weights into `net` (built from the checkpoint's config). Quantized
+    weights (quantize.py) replace the float parameters instead of being copied into them, and weights
+    tied in `net` (the GPT's embedding and head) are tied again afterwards."""
+    state = net_state(checkpoint)
+    if not checkpoint.get("quantization"):
+        net.load_state_dict(state)
+        return net
+    tied = tied_parameters(net)
+    net.load_state_dict(state, assign=True)
+    retie(net, tied)
+    return net
+
+
+def tied_parameters(net: nn.Module) -> list[list[str]]:
+    """Groups of parameter names that share one tensor (e.g. [["tok_emb.weight", "lm_head.weight"]])."""
+    groups: dict[int, list[str]] = {}
+    for name, p in net.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def retie(net: nn.Module, tied: list[list[str]]) -> None:
+    """Make every name of each group point at the first name's parameter again."""
+    for first, *others in tied:
+        shared = net.get_parameter(first)
+        for name in others:
+            owner, _, attr = name.rpartition(".")
+            setattr(net.get_submodule(owner), attr, shared)
 
 
 def main(argv: list[str] | None = None) -> None:

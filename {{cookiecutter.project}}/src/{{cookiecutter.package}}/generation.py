@@ -1,13 +1,18 @@
-"""Autoregressive sampling from a GPT (temperature, top-k, nucleus top-p), and loading one from a checkpoint."""
+"""Autoregressive sampling from a GPT (temperature, top-k, nucleus top-p) through its KV cache, and
+loading one from a checkpoint (train.py's or quantize.py's)."""
 
 import sys
+import weakref
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from tokenizers import Tokenizer
+from torch import nn
 
-from .checkpoints import read_checkpoint
+from .checkpoints import load_net, read_checkpoint
 from .data.tokenizer import decode_utf8, eot_id
 from .errors import ConfigError, DataFormatError, DataPathError
 from .models.gpt import GPT, GPTConfig
@@ -41,9 +46,114 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
     return logits
 
 
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """logits: (B, V) float -> (B, 1) next ids. temperature=0 is greedy (argmax)."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)  # (B, 1)
+
+
+class _Recompute:
+    """Next-token logits without a cache: the whole context (its last max_length tokens) runs through
+    the network's forward for every token. Works for any network; every row must be unpadded."""
+
+    def __init__(self, model: nn.Module, idx: torch.Tensor) -> None:
+        self.model, self.seq = model, idx  # (B, T)
+
+    def __call__(self, new: torch.Tensor | None) -> torch.Tensor:
+        if new is not None:
+            self.seq = torch.cat([self.seq, new], dim=1)
+        return self.model(self.seq[:, -self.model.config.max_length :])[:, -1]  # (B, V_padded)
+
+
+class _Cached:
+    """Next-token logits through the network's key/value cache (init_cache + decode): the prompt is
+    prefilled once, then each step runs one token. Rows are left-padded by `pad` (B,) slots.
+
+    Past max_length every position of the sliding window shifts by one each step, so no cached key
+    stays valid: each step then recomputes the window (the last max_length tokens), exactly as the
+    path without a cache does."""
+
+    def __init__(self, model: nn.Module, idx: torch.Tensor, pad: torch.Tensor, max_new_tokens: int, step: Any) -> None:
+        limit = model.config.max_length
+        self.model, self.step, self.limit = model, step, limit
+        self.seq, self.pad = idx, pad  # (B, C) all tokens so far, left-padded; (B,)
+        window = min(idx.size(1), limit)
+        # Slots for the prompt and every new token but the last (it is sampled, never run), up to the limit.
+        length = min(window + max_new_tokens - 1, limit)
+        if step is model.decode:
+            self.cache = model.init_cache(idx.size(0), length)
+        else:  # compiled: one cache per shape, reused, so a CUDA graph replays on the same addresses
+            self.cache = static_cache(model, idx.size(0), length)
+        self.next_slot = window
+
+    def _prefill(self) -> torch.Tensor:
+        window = min(self.seq.size(1), self.limit)
+        dropped = self.seq.size(1) - window  # columns left of the window
+        self.cache.pad.copy_((self.pad - dropped).clamp(min=0))
+        slots = torch.arange(window, device=self.seq.device)
+        return self.model.decode(self.seq[:, -window:], slots, self.cache)
+
+    def __call__(self, new: torch.Tensor | None) -> torch.Tensor:
+        if new is None:
+            return self._prefill()
+        self.seq = torch.cat([self.seq, new], dim=1)
+        if self.next_slot >= self.cache.length:
+            return self._prefill()  # past max_length: recompute the sliding window
+        slot = torch.tensor([self.next_slot], device=new.device)  # a tensor: one compiled graph for all slots
+        self.next_slot += 1
+        return self.step(new, slot, self.cache)
+
+
+# Per model: its compiled decode step per torch.compile mode, and its static caches per shape.
+_COMPILED: "weakref.WeakKeyDictionary[nn.Module, dict[Any, Any]]" = weakref.WeakKeyDictionary()
+
+
+def static_cache(model: nn.Module, batch_size: int, length: int) -> Any:
+    """The model's cache for this shape, made once and reused by every compiled call: its buffers
+    never move (marked static for torch.compile). Stale values in it are never read: the prefill
+    rewrites the slots it uses, and the mask hides the slots not written yet."""
+    caches = _COMPILED.setdefault(model, {}).setdefault("caches", {})
+    if (batch_size, length) not in caches:
+        cache = model.init_cache(batch_size, length)
+        for t in cache.tensors():
+            torch._dynamo.mark_static_address(t)
+        caches[batch_size, length] = cache
+    return caches[batch_size, length]
+
+
+def compiled_decode(model: nn.Module, mode: str) -> Any:
+    """model.decode under torch.compile (one per model and mode, reused across calls). Shapes are
+    static (one token, a fixed cache), so it is traced once; mode="reduce-overhead" adds CUDA graphs."""
+    per_model = _COMPILED.setdefault(model, {})
+    if mode not in per_model:
+        per_model[mode] = torch.compile(model.decode, mode=mode, fullgraph=True, dynamic=False)
+    return per_model[mode]
+
+
+def check_prompt(idx: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    """The number of left-padding columns of each row, (B,); a clear error for a malformed batch."""
+    if idx.dim() != 2 or idx.size(1) == 0:
+        raise ValueError(f"idx must be (batch, length) with length >= 1, got shape {tuple(idx.shape)}")
+    B, T = idx.shape
+    if lengths is None:
+        return torch.zeros(B, dtype=torch.long, device=idx.device)
+    lengths = torch.as_tensor(lengths, device=idx.device)
+    if lengths.shape != (B,) or not bool(((lengths >= 1) & (lengths <= T)).all()):
+        raise ValueError(f"lengths must hold {B} prompt lengths in [1, {T}], got {lengths.tolist()}")
+    return T - lengths.long()
+
+
 @torch.no_grad()
 def generate(
-    model: GPT,
+    model: nn.Module,
     idx: torch.Tensor,
     max_new_tokens: int,
     temperature: float = 1.0,
@@ -51,26 +161,84 @@ def generate(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
     stop_token: int | None = None,
+    lengths: torch.Tensor | None = None,
+    use_cache: bool = True,
+    compile: str | None = None,
 ) -> torch.Tensor:
-    """idx: (B, T) prompt ids -> (B, T + n) ids. temperature=0 is greedy decoding."""
+    """idx: (B, T) prompt ids -> (B, T + n) ids: the prompts, then n new tokens per row in columns T:
+    (n = max_new_tokens, fewer only when every row has produced `stop_token`; a row that stopped
+    repeats stop_token). temperature=0 is greedy decoding.
+
+    Prompts of different lengths are left-padded: row b's prompt is idx[b, T - lengths[b]:]; the
+    padding values are never read. Networks that offer a cache (init_cache and decode, as the GPT
+    does) prefill each prompt once and then run one token per step; `use_cache=False`, or a network
+    without them, recomputes the whole context for every token (padded rows then run one by one).
+    `compile`: a torch.compile mode ("default", "reduce-overhead", ...) for the one-token step; its
+    cache is reused across calls (one compiled call at a time per model: not thread-safe).
+    Past max_length the context is the last max_length tokens (a sliding window) either way."""
     check_sampling(temperature, top_k, top_p)
+    pad = check_prompt(idx, lengths)
+    if max_new_tokens < 0 or temperature < 0:
+        raise ValueError(f"max_new_tokens and temperature must be >= 0, got {max_new_tokens}, {temperature}")
+    if max_new_tokens == 0:
+        return idx
+    if use_cache and hasattr(model, "init_cache"):
+        step = model.decode if compile is None else compiled_decode(model, compile)
+        logits_of = _Cached(model, idx, pad, max_new_tokens, step)
+    elif bool(pad.any()):  # no cache and ragged rows: each row on its own, unpadded
+        rows = [
+            generate(model, idx[b : b + 1, int(pad[b]) :], max_new_tokens, temperature, top_k, top_p, generator,
+                     stop_token, use_cache=False)[:, idx.size(1) - int(pad[b]) :]
+            for b in range(idx.size(0))
+        ]  # fmt: skip
+        n = max(r.size(1) for r in rows)  # rows that stopped early are filled with stop_token
+        new = torch.cat([F.pad(r, (0, n - r.size(1)), value=stop_token or 0) for r in rows])
+        return torch.cat([idx, new], dim=1)
+    else:
+        logits_of = _Recompute(model, idx)
     vocab_size = model.config.vocab_size
-    for _ in range(max_new_tokens):
-        context = idx[:, -model.config.max_length :]
-        logits = model(context)[:, -1, :vocab_size].float()  # padding ids are never sampled
-        if temperature == 0:
-            next_id = logits.argmax(-1, keepdim=True)
-        else:
-            probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
-            next_id = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
-        idx = torch.cat([idx, next_id], dim=1)
-        if stop_token is not None and bool((next_id == stop_token).all()):
+    done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+    new, logits = [], logits_of(None)
+    for i in range(max_new_tokens):
+        next_id = sample_next(logits[:, :vocab_size].float(), temperature, top_k, top_p, generator)  # padding ids never
+        if stop_token is not None:
+            next_id = next_id.masked_fill(done[:, None], stop_token)
+            done |= next_id[:, 0] == stop_token
+        new.append(next_id)
+        if i + 1 == max_new_tokens or (stop_token is not None and bool(done.all())):
             break
-    return idx
+        logits = logits_of(next_id)
+    return torch.cat([idx, *new], dim=1)
+
+
+def generate_batch(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    stop_token: int | None = None,
+    compile: str | None = None,
+) -> list[list[int]]:
+    """Prompts of any lengths (token id lists, each non-empty) decoded together in one batch; per
+    prompt, the new ids (up to and including stop_token when it appears)."""
+    if not prompts or not all(len(p) for p in prompts):
+        raise ValueError("generate_batch needs at least one prompt, and no empty prompt")
+    device = next(model.parameters()).device
+    T = max(len(p) for p in prompts)
+    idx = torch.zeros(len(prompts), T, dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):
+        idx[b, T - len(p) :] = torch.tensor(p, dtype=torch.long)
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    out = generate(model, idx, max_new_tokens, temperature, top_k, top_p, generator, stop_token, lengths, True, compile)
+    rows = out[:, T:].tolist()
+    return [r[: r.index(stop_token) + 1] if stop_token in r else r for r in rows]
 
 
 def complete(
-    model: GPT,
+    model: nn.Module,
     tokenizer: Tokenizer,
     prompt: str,
     max_new_tokens: int,
@@ -78,8 +246,12 @@ def complete(
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
-) -> str:
-    """The text the model appends to `prompt` (the prompt itself is not repeated)."""
+    num_samples: int | None = None,
+    use_cache: bool = True,
+    compile: str | None = None,
+) -> str | list[str]:
+    """The text the model appends to `prompt` (the prompt itself is not repeated); with
+    `num_samples`, a list of that many continuations decoded as one batch."""
     device = next(model.parameters()).device
     ids = tokenizer.encode(prompt).ids or [eot_id(tokenizer)]  # an empty prompt starts a new document
     if len(ids) > model.config.max_length:
@@ -87,9 +259,10 @@ def complete(
             f"prompt is {len(ids)} tokens but the model's context is {model.config.max_length} tokens "
             f"(model.net.max_length): shorten the prompt (it starts {prompt[:40]!r})"
         )
-    idx = torch.tensor([ids], dtype=torch.long, device=device)
-    out = generate(model, idx, max_new_tokens, temperature, top_k, top_p, generator)
-    return decode_utf8(tokenizer, out[0, len(ids) :].tolist())  # whole characters only
+    idx = torch.tensor([ids] * (num_samples or 1), dtype=torch.long, device=device)
+    out = generate(model, idx, max_new_tokens, temperature, top_k, top_p, generator, None, None, use_cache, compile)
+    texts = [decode_utf8(tokenizer, row) for row in out[:, len(ids) :].tolist()]  # whole characters only
+    return texts if num_samples is not None else texts[0]
 
 
 def load_gpt_checkpoint(ckpt_path: str, key: str = "ckpt_path") -> tuple[GPT, Tokenizer]:
@@ -110,9 +283,9 @@ def load_gpt_checkpoint(ckpt_path: str, key: str = "ckpt_path") -> tuple[GPT, To
     hparams = checkpoint.get("hyper_parameters", {})
     if not isinstance(hparams.get("net"), dict):
         raise ConfigError(f"{key}: checkpoint {ckpt_path} holds no GPT (hyper_parameters has {sorted(hparams)})")
-    state = {k[len("net.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
-    model = GPT(GPTConfig.from_dict(hparams["net"]))
-    model.load_state_dict(state)
+    if "image_model" in hparams["net"]:
+        raise ConfigError(f"{key}: checkpoint {ckpt_path} holds a CLIP model, not a GPT: use the pipeline for it")
+    model = load_net(GPT(GPTConfig.from_dict(hparams["net"])), checkpoint)
     tokenizer = Tokenizer.from_str(tokenizer_json)
     if tokenizer.get_vocab_size() > model.config.vocab_size:
         raise ConfigError(
@@ -147,8 +320,9 @@ def read_prompt(cfg: Any) -> str:
 
 
 def sample_from_checkpoint(cfg: Any, prompt: str) -> list[str]:
-    """generate.py: cfg has ckpt_path, num_samples, max_new_tokens, temperature, top_k, top_p, seed, device.
-    Returns the continuations of `prompt` (see read_prompt)."""
+    """generate.py: cfg has ckpt_path, num_samples, max_new_tokens, temperature, top_k, top_p, seed,
+    device, compile. Returns the continuations of `prompt` (see read_prompt), decoded as one batch.
+    The checkpoint may be one train.py wrote or its quantize.py version."""
     check_sampling(cfg.temperature, cfg.top_k, cfg.top_p)
     if cfg.num_samples < 1 or cfg.max_new_tokens < 0:
         raise ConfigError(
@@ -158,7 +332,7 @@ def sample_from_checkpoint(cfg: Any, prompt: str) -> list[str]:
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_checkpoint_for_generation(cfg.ckpt_path, device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    return [
-        complete(model, tokenizer, prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, generator)
-        for _ in range(cfg.num_samples)
-    ]
+    return complete(
+        model, tokenizer, prompt, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, generator,
+        num_samples=cfg.num_samples, compile=cfg.compile,
+    )  # fmt: skip

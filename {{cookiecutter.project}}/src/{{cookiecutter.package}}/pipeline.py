@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
+from .checkpoints import load_net, read_checkpoint
 from .data.image_text import image_transform, load_rgb, tokenize_captions
 from .errors import ConfigError, DataPathError
 from .models.clip import CLIP, CLIPConfig
@@ -48,7 +49,7 @@ class MultiModalPipeline:
         path = Path(path).expanduser()
         if not path.is_file():
             raise DataPathError(f"checkpoint {path} does not exist")
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = read_checkpoint(path, key="checkpoint")  # train.py's, or its quantize.py version
         hparams = ckpt.get("hyper_parameters", {})
         data = next((v for v in ckpt.values() if isinstance(v, dict) and "tokenizer" in v and "image_model" in v), None)
         if "net" not in hparams or data is None or not data.get("tokenizer"):
@@ -57,14 +58,7 @@ class MultiModalPipeline:
             )
         # The image tower's initial weights are in the state dict: do not look for the original file.
         config = CLIPConfig.from_dict({**hparams["net"], "image_checkpoint": None})
-        net = CLIP(config)
-        # Keys are "net.<...>" in the LightningModule; torch.compile adds "_orig_mod.".
-        state = {
-            k.removeprefix("net.").replace("_orig_mod.", ""): v
-            for k, v in ckpt["state_dict"].items()
-            if k.startswith("net.")
-        }
-        net.load_state_dict(state)
+        net = load_net(CLIP(config), ckpt)
         return cls(
             net,
             Tokenizer.from_str(data["tokenizer"]),

@@ -43,6 +43,7 @@ class TextSamples(L.Callback):
                 temperature=self.temperature,
                 top_k=self.top_k,
                 generator=generator,
+                use_cache=False,  # sharded strategies gather the embeddings and head only inside forward()
             )
             texts.append(f"**{prompt}**{completion}")
         pl_module.net.train(was_training)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .transformer import Block, Embedding, Linear
+from .transformer import Block, Embedding, KVCache, Linear
 
 
 @dataclass
@@ -129,3 +129,27 @@ class GPT(nn.Module):
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """Mean next-token cross-entropy; targets are idx shifted by one, ignore_index masks padding."""
         return self(idx, targets, ignore_index)
+
+    # Incremental decoding (generation.py uses these when a network offers them; a network without
+    # them is decoded by recomputing the whole context for every token).
+
+    def init_cache(self, batch_size: int, length: int | None = None) -> KVCache:
+        """Empty key/value buffers for `batch_size` rows of up to `length` slots (max_length by
+        default), on the model's device, in the dtype its activations have."""
+        length = self.config.max_length if length is None else length
+        if not 0 < length <= self.config.max_length:
+            raise ValueError(f"cache length {length} must be in [1, max_length={self.config.max_length}]")
+        c = self.config
+        dtype = self.ln_f.weight.dtype
+        return KVCache(c.num_layers, batch_size, c.num_heads, length, c.head_dim, self.ln_f.weight.device, dtype)
+
+    def decode(self, idx: torch.Tensor, slots: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """idx: (B, T) new tokens, written at cache `slots` (T,) (the prefill passes the whole prompt,
+        each later step one token) -> (B, padded_vocab_size) logits of the last one. Left-padded
+        rows get their positions and padding mask from `cache.pad`."""
+        pos = cache.positions(slots)  # (B, T)
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
+        mask = cache.mask(slots)  # (B, 1, T, S)
+        for block, k, v in zip(self.blocks, cache.k, cache.v):
+            x = block(x, mask, (k, v), slots)
+        return self.lm_head(self.ln_f(x[:, -1]))  # (B, V_padded): only the last token is sampled from

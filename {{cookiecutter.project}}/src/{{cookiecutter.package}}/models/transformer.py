@@ -46,13 +46,27 @@ class SelfAttention(nn.Module):
         self.proj = Linear(d_model, d_model, bias, std=proj_std)
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        slots: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x: (B, T, C). With `kv` (a layer's key/value buffers, (B, nh, S, hs) each) the new keys and
+        values are written at cache `slots` (T,) and the queries attend over all S slots under
+        `attn_mask` (B, 1, T, S), which hides the slots not written yet."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         # (B, T, C) -> (B, nh, T, hs)
         q = q.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)
         k = k.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)
         v = v.view(B, T, self.num_heads, C // self.num_heads).transpose(1, 2)
+        if kv is not None:
+            k_cache, v_cache = kv
+            k_cache.index_copy_(2, slots, k.to(k_cache.dtype))  # in place: the buffers keep their address
+            v_cache.index_copy_(2, slots, v.to(v_cache.dtype))
+            k, v = k_cache, v_cache  # (B, nh, S, hs)
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -91,6 +105,55 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(d_model, bias=bias)
         self.mlp = MLP(d_model, dropout, bias, proj_std)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), attn_mask)
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        slots: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), attn_mask, kv, slots)
         return x + self.mlp(self.ln_2(x))
+
+
+class KVCache:
+    """Keys and values of the tokens decoded so far, so each new token costs one position, not the
+    whole context. Static shapes: one (B, nh, S, hs) buffer pair per layer, written in place at
+    given slots, so a compiled decode step is traced once and its buffers never move (CUDA graphs).
+
+    Rows of a batch may hold prompts of different lengths, left-padded: `pad` (B,) is the number of
+    padding slots at the start of each row. A token in slot s of row b sits at position
+    s - pad[b] of its own sequence, and never attends to that row's padding."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        num_heads: int,
+        length: int,
+        head_dim: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        shape = (batch_size, num_heads, length, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.pad = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.length = length
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.k, *self.v, self.pad]
+
+    def positions(self, slots: torch.Tensor) -> torch.Tensor:
+        """slots (T,) -> (B, T) position of each new token in its own row (0 for padding slots)."""
+        return (slots[None, :] - self.pad[:, None]).clamp(min=0)
+
+    def mask(self, slots: torch.Tensor) -> torch.Tensor:
+        """slots (T,) -> (B, 1, T, S) bool, True where a query may attend: slots written so far
+        (causal) that are not the row's padding. A padding query sees itself, so no row of the
+        softmax is empty (an all-masked row would give NaN, and NaN times a zero weight is NaN)."""
+        keys = torch.arange(self.length, device=slots.device)  # (S,)
+        causal = keys[None, :] <= slots[:, None]  # (T, S)
+        real = keys[None, None, :] >= self.pad[:, None, None]  # (B, 1, S)
+        itself = keys[None, :] == slots[:, None]  # (T, S)
+        return (causal & (real | itself))[:, None]  # (B, 1, T, S)

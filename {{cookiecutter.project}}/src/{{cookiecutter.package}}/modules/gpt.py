@@ -19,6 +19,8 @@ class GPTModule(L.LightningModule):
 
     net: GPTConfig fields (configs/model/net/*.yaml). optimizer: AdamW settings. scheduler:
     warmup + cosine. compile: torch.compile each transformer block (parallel.compile_units).
+    qat: quantization-aware training for a quantize.py method (int8_weight_only, int8_dynamic): the
+    Linear layers train through torchao's fake quantization (quantize.prepare_qat).
     """
 
     work_unit = "tokens"  # what the throughput callback counts
@@ -29,6 +31,7 @@ class GPTModule(L.LightningModule):
         optimizer: dict[str, Any] | None = None,
         scheduler: dict[str, Any] | None = None,
         compile: bool = False,
+        qat: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -45,6 +48,10 @@ class GPTModule(L.LightningModule):
         if self.net is not None:
             return
         self.net = GPT(self.config)
+        if self.hparams.qat:
+            from ..quantize import prepare_qat  # torchao is imported only when QAT is asked for
+
+            prepare_qat(self.net, self.hparams.qat)
         if self.hparams.compile:
             compile_units(self.net)
 

@@ -87,9 +87,11 @@ def test_every_option_composes_and_instantiates(compose_cfg, group):
         instantiate(cfg.model, _convert_="all")
 
 
-@pytest.mark.parametrize(
-    "config_name", ["train", "eval", "quantize", "serve"{% if cookiecutter.gpt %}, "generate", "export"{% endif %}]
-)
+# The entry points besides train.py: each composes with a ckpt_path.
+ENTRY_CONFIGS = ["train", "eval", "quantize", "serve"{% if cookiecutter.gpt %}, "generate", "export"{% endif %}]
+
+
+@pytest.mark.parametrize("config_name", ENTRY_CONFIGS)
 def test_entry_configs_compose(compose_cfg, config_name):
     overrides = ["ckpt_path=some.ckpt"] if config_name != "train" else []
     cfg = compose_cfg(config_name, overrides, tiny=config_name in ("train", "eval"))

@@ -47,9 +47,10 @@ log = logging.getLogger(__name__)
 def read_checkpoint(ckpt_path: str | Path, key: str = "ckpt_path") -> dict[str, Any] | None:
     """The checkpoint at `ckpt_path` (memory-mapped: tensors are read when used), or None for a sharded
     folder, which Lightning reads itself. A quantized file (quantize.py) loads too. A missing,
-    truncated or foreign file is a user error that names `key`, the config key that named it. torch's own message for a file it cannot unpickle
-    with weights_only=True advises weights_only=False, i.e. running code from the file: wrong here,
-    since train.py writes only tensors and plain containers."""
+    truncated or foreign file is a user error that names `key`, the config key that named it.
+    torch's own message for a file it cannot unpickle with weights_only=True advises
+    weights_only=False, i.e. running code from the file: wrong here, since train.py writes only
+    tensors and plain containers."""
     path = Path(ckpt_path)
     if path.is_dir():
         if is_fsdp_folder(path) or is_deepspeed_folder(path):

@@ -1,9 +1,10 @@
 """POST /generate: continue a prompt with the checkpoint's GPT, many requests per model call.
 
 A request leaves out any field but `prompt`; the server's defaults (configs/serve.yaml, `generate:`)
-fill the rest. Rows of one batch are decoded together by `generation.generate` when they can share
-its arguments: greedy rows (temperature 0) always, sampled rows without a seed when their
-temperature, top-k and top-p agree, all of the same prompt length. A seeded row is decoded on its
+fill the rest. Rows of one batch are decoded together by `generation.generate_batch` (prompts of
+any lengths, left-padded, through the KV cache) when they can share its arguments: greedy rows
+(temperature 0) always, sampled rows without a seed when their temperature, top-k and top-p
+agree. A seeded row is decoded on its
 own with `torch.Generator().manual_seed(seed)`, exactly as generate.py does, so a seeded request
 gives generate.py's text for that seed whatever else is in the batch.
 """
@@ -17,9 +18,9 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict
 from tokenizers import Tokenizer
 
-from ..data.tokenizer import eot_id
+from ..data.tokenizer import decode_utf8, eot_id
 from ..errors import ConfigError
-from ..generation import generate
+from ..generation import generate_batch
 from ..models.gpt import GPT
 from .app import Serving
 from .validation import BadRequest, check_range, parse_body
@@ -126,25 +127,25 @@ class TextGenerator:
         groups: dict[tuple[Any, ...], list[int]] = defaultdict(list)
         for i, (job, ids) in enumerate(items):
             if job.temperature == 0:
-                key: tuple[Any, ...] = (len(ids), "greedy")
+                key: tuple[Any, ...] = ("greedy",)
             elif job.seed is not None:
-                key = (len(ids), "seeded", i)
+                key = ("seeded", i)
             else:
-                key = (len(ids), job.temperature, job.top_k, job.top_p)
+                key = (job.temperature, job.top_k, job.top_p)
             groups[key].append(i)
         out: list[Completion | None] = [None] * len(items)
         for rows in groups.values():
             job = items[rows[0]][0]
-            idx = torch.tensor([items[i][1] for i in rows], dtype=torch.long, device=self.device)  # (B, T)
             steps = max(items[i][0].max_new_tokens for i in rows)
             generator = self.sampler
             if job.temperature != 0 and job.seed is not None:
                 generator = torch.Generator(device=self.device).manual_seed(job.seed)
-            ids = generate(self.model, idx, steps, job.temperature, job.top_k, job.top_p, generator).tolist()
+            # Prompts of different lengths decode together (left-padded, through the KV cache).
+            prompts = [items[i][1] for i in rows]
+            ids = generate_batch(self.model, prompts, steps, job.temperature, job.top_k, job.top_p, generator)
             for row, i in enumerate(rows):
-                n = items[i][0].max_new_tokens
-                new = ids[row][idx.size(1) : idx.size(1) + n]  # a row cut to its own length: decoding is causal
-                text = self.tokenizer.decode(new)
+                new = ids[row][: items[i][0].max_new_tokens]  # a row cut to its own length: decoding is causal
+                text = decode_utf8(self.tokenizer, new)  # whole characters, as generate.py prints
                 out[i] = Completion(text, len(self.tokenizer.encode(items[i][0].prompt).ids), len(new))
         return out  # type: ignore[return-value]
 

@@ -123,9 +123,9 @@ class TextGenerator:
 
     @torch.no_grad()
     def run_batch(self, items: list[tuple[Job, list[int]]]) -> list[Completion]:
-        """Decode every item; rows that can share one `generate` call do (see the module docstring)."""
+        """Decode every item; rows that can share one `generate_batch` call do (see the module docstring)."""
         groups: dict[tuple[Any, ...], list[int]] = defaultdict(list)
-        for i, (job, ids) in enumerate(items):
+        for i, (job, _) in enumerate(items):
             if job.temperature == 0:
                 key: tuple[Any, ...] = ("greedy",)
             elif job.seed is not None:

@@ -8,7 +8,7 @@ import hydra
 from omegaconf import DictConfig
 
 from {{cookiecutter.package}}.benchmark import run_benchmark
-from {{cookiecutter.package}}.errors import exit_on_user_error
+from {{cookiecutter.package}}.cli import exit_on_user_error
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="bench")

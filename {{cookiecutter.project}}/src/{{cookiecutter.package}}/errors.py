@@ -1,18 +1,9 @@
 """Errors caused by the user's input (data files, paths, config values), as opposed to bugs.
 
-Entry points print these as one line naming the file, line or key, and exit with status 2; any
-other exception is a bug and keeps its traceback.
+Entry points print these as one line naming the file, line or key, and exit with status 2
+(cli.exit_on_user_error); any other exception is a bug and keeps its traceback. This file imports
+nothing, so models/, data/ and modules/ raise these without importing Hydra.
 """
-
-import functools
-import sys
-from collections.abc import Callable
-from typing import Any, TypeVar
-
-from hydra.errors import InstantiationException
-from omegaconf.errors import MissingMandatoryValue
-
-T = TypeVar("T")
 
 
 class UserInputError(Exception):
@@ -29,24 +20,3 @@ class DataPathError(UserInputError, FileNotFoundError):
 
 class ConfigError(UserInputError, ValueError):
     """A config value that cannot work; the message names the key."""
-
-
-def exit_on_user_error(fn: Callable[..., T]) -> Callable[..., T]:
-    """For entry points: a user error becomes one line on stderr and exit status 2, no traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> T:
-        try:
-            return fn(*args, **kwargs)
-        except UserInputError as e:
-            message = str(e)
-        except MissingMandatoryValue as e:  # a `???` value in configs/ that nobody set
-            message = f"{e.full_key} is required: set it, e.g. {e.full_key}=..."
-        except InstantiationException as e:  # a config value the target's own check rejected
-            if not isinstance(e.__cause__, (UserInputError, ValueError)):
-                raise
-            message = " ".join(str(e).split())
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-    return wrapper

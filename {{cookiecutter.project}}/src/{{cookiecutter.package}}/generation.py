@@ -1,4 +1,6 @@
-"""Autoregressive sampling from a GPT (temperature, top-k, nucleus top-p), and loading one from a checkpoint."""
+"""Autoregressive sampling from a causal language model (temperature, top-k, nucleus top-p), and
+loading one from a checkpoint. Uses only the causal-LM protocol (networks.CausalLM): `net(idx)`
+gives the logits, `net.config.vocab_size` / `max_length` bound what is sampled and read."""
 
 from pathlib import Path
 from typing import Any
@@ -8,7 +10,7 @@ from tokenizers import Tokenizer
 
 from .data.tokenizer import eot_id
 from .errors import ConfigError, DataPathError
-from .models.gpt import GPT, GPTConfig
+from .networks import CausalLM, build_causal_lm
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -28,7 +30,7 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
 
 @torch.no_grad()
 def generate(
-    model: GPT,
+    model: CausalLM,
     idx: torch.Tensor,
     max_new_tokens: int,
     temperature: float = 1.0,
@@ -54,7 +56,7 @@ def generate(
 
 
 def complete(
-    model: GPT,
+    model: CausalLM,
     tokenizer: Tokenizer,
     prompt: str,
     max_new_tokens: int,
@@ -71,10 +73,11 @@ def complete(
     return tokenizer.decode(out[0, len(ids) :].tolist())
 
 
-def load_gpt_checkpoint(ckpt_path: str, key: str = "ckpt_path") -> tuple[GPT, Tokenizer]:
-    """The GPT `net` of a checkpoint train.py wrote (a GPT run, or a distillation run, whose `net` is
-    the student) and the tokenizer saved in it, on the CPU in train mode. `key` is the config key
-    that named the file, for the error messages."""
+def load_network_checkpoint(ckpt_path: str, key: str = "ckpt_path") -> tuple[CausalLM, Tokenizer]:
+    """The network `net` of a checkpoint train.py wrote (a GPT run, or a distillation run, whose
+    `net` is the student) or `python -m <package>.hf import` wrote, and the tokenizer saved in it,
+    on the CPU in train mode. `key` is the config key that named the file, for the error messages.
+    Under a meta-device context (a module counting FLOPs before it builds) no weights are copied."""
     path = Path(ckpt_path)
     if path.is_dir():
         raise DataPathError(
@@ -90,17 +93,28 @@ def load_gpt_checkpoint(ckpt_path: str, key: str = "ckpt_path") -> tuple[GPT, To
     if tokenizer_json is None:
         raise ConfigError(f"{key}: checkpoint {ckpt_path} holds no tokenizer: was it written by train.py on text data?")
     hparams = checkpoint.get("hyper_parameters", {})
-    if not isinstance(hparams.get("net"), dict):
-        raise ConfigError(f"{key}: checkpoint {ckpt_path} holds no GPT (hyper_parameters has {sorted(hparams)})")
+    if not isinstance(hparams.get("net"), dict) or "_target_" not in hparams["net"]:
+        raise ConfigError(
+            f"{key}: checkpoint {ckpt_path} holds no network node with a _target_ (hyper_parameters has "
+            f"{sorted(hparams)}): was it written by train.py of this project?"
+        )
     state = {k[len("net.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
-    model = GPT(GPTConfig.from_dict(hparams["net"]))
-    model.load_state_dict(state)
+    model = build_causal_lm(hparams["net"], f"{key}={ckpt_path}: hyper_parameters.net")
+    if not any(p.is_meta for p in model.parameters()):
+        model.load_state_dict(state)
     return model, Tokenizer.from_str(tokenizer_json)
 
 
-def load_checkpoint_for_generation(ckpt_path: str, device: str = "cpu") -> tuple[GPT, Tokenizer]:
-    """The GPT (the student, for a distillation checkpoint) and its tokenizer, ready to sample."""
-    model, tokenizer = load_gpt_checkpoint(ckpt_path)
+def pretrained(ckpt_path: str) -> CausalLM:
+    """The network of a checkpoint, weights included: the `_target_` of configs/model/net/pretrained.yaml,
+    to fine-tune a trained or imported model. A checkpoint of that run rebuilds the network from
+    `ckpt_path` again, then loads its own weights over it: keep the file where it is."""
+    return load_network_checkpoint(ckpt_path, key="model.net.ckpt_path")[0]
+
+
+def load_checkpoint_for_generation(ckpt_path: str, device: str = "cpu") -> tuple[CausalLM, Tokenizer]:
+    """The network (the student, for a distillation checkpoint) and its tokenizer, ready to sample."""
+    model, tokenizer = load_network_checkpoint(ckpt_path)
     return model.to(device).eval(), tokenizer
 
 

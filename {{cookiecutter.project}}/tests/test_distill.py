@@ -192,7 +192,12 @@ def test_a_teacher_with_another_tokenizer_of_the_same_size_is_one_clear_error(co
         (["model.teacher.ckpt_path=a.ckpt", "model.teacher.hf=gpt2"], "model.teacher: set ckpt_path or hf, not both"),
         (["model.teacher.net.max_length=16"], "reads at most 16 tokens"),
         (["model.net.d_model=130"], "model.net: GPTConfig.d_model=130 must be divisible by num_heads=4"),
-        (["model.net._target_=torch.nn.Linear"], r"model.net: torch.nn.modules.linear.Linear does not take these"),
+        (["model.net._target_=torch.nn.Linear"], r"model.net: torch.nn.Linear does not take these arguments: got an"),
+        (
+            ["model.net._target_=torch.nn.Identity"],
+            r"torch.nn.Identity is not a causal language model: it lacks \['loss'",
+        ),
+        (["model.teacher.net._target_=torch.nn.Linearr"], r"model.teacher.net._target_='torch.nn.Linearr' cannot be"),
     ],
 )
 def test_bad_settings_name_the_config_key(compose_cfg, overrides, message):
@@ -220,7 +225,9 @@ def test_a_missing_teacher_checkpoint_names_the_key(compose_cfg):
 
 def test_eval_of_a_gpt_checkpoint_with_model_distill_says_which_model_wrote_it(compose_cfg, teacher):
     cfg = compose_cfg("eval", ["model=distill", f"ckpt_path={teacher[0]}"])
-    with pytest.raises(ConfigError, match=r"not written by DistillModule \(it needs hyper-parameters \['teacher'\]"):
+    with pytest.raises(
+        ConfigError, match=r"not written by DistillModule \(it needs hyper-parameters \['teacher', 'loss'\]"
+    ):
         evaluate(cfg)
 
 

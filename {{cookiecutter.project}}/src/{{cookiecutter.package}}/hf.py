@@ -174,12 +174,33 @@ def save_atomically(obj: Any, out: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def gpt_module_settings() -> dict[str, Any]:
+    """model=gpt's optimizer, scheduler and compile, composed from configs/ (the one place they are
+    written), so GPTModule.load_from_checkpoint and eval.py read an import like a checkpoint of train.py."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from .networks import CONFIGS
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        model = compose("train", overrides=["model=gpt"]).model
+    GlobalHydra.instance().clear()
+    return {
+        "optimizer": OmegaConf.to_container(model.optimizer, resolve=True),
+        "scheduler": OmegaConf.to_container(model.scheduler, resolve=True),
+        "compile": model.compile,
+    }
+
+
 def import_checkpoint(src: str | Path, out: str | Path) -> Path:
     """Write a Hugging Face GPT-2 as a checkpoint of this project (GPTModule's layout, no training state)."""
     node, state, tokenizer = convert(src)
     checkpoint = {
         "state_dict": {f"net.{k}": v for k, v in state.items()},
-        "hyper_parameters": {"net": node},  # plain containers: torch.load(weights_only=True) reads them
+        # Plain containers: torch.load(weights_only=True) reads them.
+        "hyper_parameters": {"net": node, **gpt_module_settings()},
         "TextDataModule": {"tokenizer": tokenizer.to_str()},  # where train.py's checkpoints keep it
         "imported_from": str(Path(src).resolve()),
     }

@@ -4,9 +4,9 @@
 
 Both follow the causal-LM protocol (networks.CausalLM). The student is `net`, as in GPTModule:
 the network this module trains, the one TextSamples samples from, the one every checkpoint holds
-under `net.*` with its `_target_` node under hyper_parameters["net"]. A distillation checkpoint is therefore also a GPT checkpoint:
-generate.py, `eval.py model=gpt` and GPTModule.load_from_checkpoint read the student from it, and
-it can teach the next student.
+under `net.*` with its `_target_` node under hyper_parameters["net"]. A distillation checkpoint is
+therefore also a GPT checkpoint: generate.py, `eval.py model=gpt` and
+GPTModule.load_from_checkpoint read the student from it, and it can teach the next student.
 
 The teacher comes from `teacher.ckpt_path`, a checkpoint this project wrote or imported (its
 architecture, weights and tokenizer come from the file), from `teacher.hf`, a Hugging Face GPT-2

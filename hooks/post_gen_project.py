@@ -20,6 +20,7 @@ MODULE_FILES = {
         f"{PKG}/generation.py",
         f"{PKG}/api.py",
         f"{PKG}/callbacks/samples.py",
+        f"{PKG}/hf.py",
         "configs/model/gpt.yaml",
         "configs/model/net",
         "configs/data/shakespeare.yaml",
@@ -31,6 +32,9 @@ MODULE_FILES = {
         "tests/test_gpt_model.py",
         "tests/test_text_data.py",
         "tests/test_gpt_training.py",
+        "tests/test_hf.py",
+        "tests/test_recipe.py",
+        "tests/test_networks.py",
         "docs/gpt.md",
     ],
     "distill": [

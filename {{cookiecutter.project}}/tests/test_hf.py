@@ -134,9 +134,7 @@ def broken_copy(hf_dir: Path, tmp_path: Path, **config_changes) -> Path:
 )
 def test_what_cannot_be_converted_is_one_clear_error(hf_dir, tmp_path, change, message):
     out = tmp_path / "x.ckpt"
-    proc = run_script(
-        "-m", "{{cookiecutter.package}}.hf", "import", str(broken_copy(hf_dir, tmp_path, **change)), str(out), check=False
-    )
+    proc = hf_cli("import", str(broken_copy(hf_dir, tmp_path, **change)), str(out), check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: SRC=") and message in proc.stderr
     assert not out.exists() and not list(tmp_path.glob(".x.ckpt*"))  # nothing half-written

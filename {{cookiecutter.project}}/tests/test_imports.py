@@ -27,7 +27,7 @@ RULES: dict[str, list[str]] = {
     ],
     "losses": [*ENTRY_LEVEL, "lightning", f"{PKG}.modules", f"{PKG}.data", f"{PKG}.models"],
     "data": [*ENTRY_LEVEL, f"{PKG}.models", f"{PKG}.modules", f"{PKG}.losses", f"{PKG}.networks"],
-    "modules": ["hydra", f"{PKG}.data", f"{PKG}.training", f"{PKG}.cli", f"{PKG}.parallel"],
+    "modules": ["hydra", f"{PKG}.training", f"{PKG}.cli", f"{PKG}.parallel"],
     "callbacks": ["hydra", f"{PKG}.modules", f"{PKG}.training"],
     "errors": [*ENTRY_LEVEL, "torch", "lightning"],
     "networks": [*ENTRY_LEVEL, "lightning", f"{PKG}.modules", f"{PKG}.data"],
@@ -43,7 +43,13 @@ def modules_of(name: str) -> list[str]:
 
 
 def loaded_by(modules: list[str]) -> set[str]:
-    code = f"import importlib, json, sys\nfor m in {modules!r}: importlib.import_module(m)\nprint(json.dumps(sorted(sys.modules)))"
+    code = "\n".join(
+        [
+            "import importlib, json, sys",
+            f"for m in {modules!r}: importlib.import_module(m)",
+            "print(json.dumps(sorted(sys.modules)))",
+        ]
+    )
     proc = subprocess.run(
         [sys.executable, "-c", code],
         cwd=ROOT,

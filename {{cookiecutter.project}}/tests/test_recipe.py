@@ -82,19 +82,22 @@ num_layers: 2
 kernel: 4
 """
 
-# What a run leaves behind in the project folder; everything else must be as it was.
-RUN_OUTPUTS = ("logs", "data", "outputs", "__pycache__", ".pytest_cache", ".git", ".venv", "build", "*.egg-info")
+# What runs leave in the project folder (top level only); everything else must stay as it was.
+RUN_OUTPUTS = {"logs", "data", "outputs", ".pytest_cache", ".git", ".venv", "build"}
+
+
+def skipped(folder: str, names: list[str], root: Path) -> set[str]:
+    top = Path(folder) == root
+    return {n for n in names if n == "__pycache__" or n.endswith(".egg-info") or (top and n in RUN_OUTPUTS)}
 
 
 def files(root: Path) -> dict[str, bytes]:
-    ignore = shutil.ignore_patterns(*RUN_OUTPUTS)
     out: dict[str, bytes] = {}
     for folder, dirs, names in os.walk(root):
-        dirs[:] = [d for d in dirs if d not in ignore(folder, dirs)]
-        for name in names:
-            if name not in ignore(folder, names):
-                path = Path(folder) / name
-                out[str(path.relative_to(root))] = path.read_bytes()
+        dirs[:] = [d for d in dirs if d not in skipped(folder, dirs, root)]
+        for name in set(names) - skipped(folder, names, root):
+            path = Path(folder) / name
+            out[str(path.relative_to(root))] = path.read_bytes()
     return out
 
 
@@ -108,7 +111,7 @@ def run(project: Path, *words: str) -> subprocess.CompletedProcess:
 
 def test_a_new_architecture_is_two_files(tmp_path, corpus, data_dir, gpt_checkpoint):
     project = tmp_path / "project"
-    shutil.copytree(ROOT, project, ignore=shutil.ignore_patterns(*RUN_OUTPUTS))
+    shutil.copytree(ROOT, project, ignore=lambda folder, names: skipped(folder, names, ROOT))
     before = files(project)
     (project / "src" / "{{cookiecutter.package}}" / "models" / "convlm.py").write_text(NETWORK)
     (project / "configs" / "model" / "net" / "convlm.yaml").write_text(PRESET)

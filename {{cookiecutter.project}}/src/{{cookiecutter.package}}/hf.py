@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import sys
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -202,6 +203,7 @@ def import_checkpoint(src: str | Path, out: str | Path) -> Path:
         # Plain containers: torch.load(weights_only=True) reads them.
         "hyper_parameters": {"net": node, **gpt_module_settings()},
         "TextDataModule": {"tokenizer": tokenizer.to_str()},  # where train.py's checkpoints keep it
+        "pytorch-lightning_version": version("lightning"),  # what load_from_checkpoint migrates from
         "imported_from": str(Path(src).resolve()),
     }
     out = Path(out)

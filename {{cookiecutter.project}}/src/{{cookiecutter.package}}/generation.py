@@ -86,7 +86,7 @@ def load_network_checkpoint(ckpt_path: str, key: str = "ckpt_path") -> tuple[Cau
         )
     if not path.is_file():
         raise DataPathError(f"{key}={ckpt_path!r} is not a file (expected a .ckpt written by train.py)")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # read as used
     tokenizer_json = next(
         (v["tokenizer"] for v in checkpoint.values() if isinstance(v, dict) and v.get("tokenizer")), None
     )

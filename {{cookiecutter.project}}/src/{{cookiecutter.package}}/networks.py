@@ -71,7 +71,9 @@ def build(spec: Mapping[str, Any], key: str, *args: Any, **kwargs: Any) -> Any:
     values = {k: v for k, v in spec.items() if k not in ("_target_", "_partial_")}
     target = locate(spec["_target_"], key)
     try:
-        inspect.signature(target).bind_partial(*args, **{**values, **kwargs})
+        signature = inspect.signature(target)
+        # A partial gets its remaining arguments later (the parameters, the optimizer); a call needs all now.
+        (signature.bind_partial if spec.get("_partial_") else signature.bind)(*args, **{**values, **kwargs})
     except TypeError as e:
         raise ConfigError(f"{key}: {spec['_target_']} does not take these arguments: {e}") from None
     except ValueError:
@@ -80,7 +82,7 @@ def build(spec: Mapping[str, Any], key: str, *args: Any, **kwargs: Any) -> Any:
         return functools.partial(target, *args, **{**values, **kwargs})
     try:
         return target(*args, **{**values, **kwargs})
-    except ValueError as e:  # the target's own check of a value (a TypeError past bind_partial is a bug)
+    except ValueError as e:  # the target's own check of a value (a TypeError past the signature check is a bug)
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(f"{key}: {e}") from None
@@ -120,29 +122,29 @@ def compile_units(network: nn.Module, **compile_kwargs: Any) -> None:
         setattr(network, name, torch.compile(getattr(network, name), **compile_kwargs))
 
 
-def net_presets(target: str | None = None) -> list[str]:
-    """The names in configs/model/net/, or those whose `_target_` is `target` (a dotted path)."""
+def net_presets(target: str | None = None, group: str = "net") -> list[str]:
+    """The names in configs/model/<group>/, or those whose `_target_` is `target` (a dotted path)."""
     import yaml  # read here only: scripts and tests use presets, training composes them through Hydra
 
-    names = sorted(p.stem for p in (CONFIGS / "model" / "net").glob("*.yaml"))
-    if target is None:
-        return names
-    return [
-        n for n in names if yaml.safe_load((CONFIGS / "model" / "net" / f"{n}.yaml").read_text())["_target_"] == target
-    ]
+    paths = sorted((CONFIGS / "model" / group).glob("*.yaml"))
+    return [p.stem for p in paths if target is None or yaml.safe_load(p.read_text())["_target_"] == target]
 
 
-def net_preset(name: str, **values: Any) -> dict[str, Any]:
-    """configs/model/net/<name>.yaml as a plain `_target_` node, for scripts and tests (train.py
-    composes the same file). `values` override its keys; the keys the preset takes from the data
-    (`${data...}`: vocab_size, max_length) must be among them."""
-    import yaml
+def net_preset(name: str, group: str = "net", data: Mapping[str, Any] | None = None, **values: Any) -> dict[str, Any]:
+    """configs/model/<group>/<name>.yaml as a plain `_target_` node, for scripts and tests (train.py
+    composes the same file). `values` replace its keys; what it still takes from the data
+    (`${data.block_size}`, ...) is read from `data`, and a missing one is a ConfigError."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import InterpolationResolutionError
 
-    path = CONFIGS / "model" / "net" / f"{name}.yaml"
+    path = CONFIGS / "model" / group / f"{name}.yaml"
     if not path.is_file():
-        raise ConfigError(f"no network preset {name!r} in {path.parent}; choose one of {net_presets()}")
-    node = {**yaml.safe_load(path.read_text(encoding="utf-8")), **values}
-    unset = sorted(k for k, v in node.items() if isinstance(v, str) and v.startswith("${"))
-    if unset:
-        raise ConfigError(f"network preset {name!r} takes {unset} from the data: pass them")
-    return node
+        raise ConfigError(f"no network preset {name!r} in {path.parent}; choose one of {net_presets(group=group)}")
+    root = OmegaConf.create({"data": dict(data or {}), "net": OmegaConf.load(path)})
+    for key, value in values.items():
+        root.net[key] = value
+    try:
+        return OmegaConf.to_container(root.net, resolve=True)
+    except InterpolationResolutionError as e:
+        unset = sorted(k for k in root.net if OmegaConf.is_interpolation(root.net, k)) or str(e)
+        raise ConfigError(f"network preset {name!r} takes {unset} from the data: pass them") from None

@@ -18,7 +18,8 @@ from tokenizers import Tokenizer
 
 from .data.image_text import image_transform, load_rgb, tokenize_captions
 from .errors import ConfigError, DataPathError
-from .models.clip import CLIP, CLIPConfig
+from .models.clip import CLIP
+from .networks import build
 
 
 def _as_list(x: Any) -> list[Any]:
@@ -56,8 +57,7 @@ class MultiModalPipeline:
                 f"{path} is not a CLIP checkpoint with its data settings (train.py model=clip writes one)"
             )
         # The image tower's initial weights are in the state dict: do not look for the original file.
-        config = CLIPConfig.from_dict({**hparams["net"], "image_checkpoint": None})
-        net = CLIP(config)
+        net: CLIP = build({**hparams["net"], "image_checkpoint": None}, f"{path}: hyper_parameters.net")
         # Keys are "net.<...>" in the LightningModule; torch.compile adds "_orig_mod.".
         state = {
             k.removeprefix("net.").replace("_orig_mod.", ""): v

@@ -15,7 +15,8 @@ from torchmetrics import MeanMetric
 
 from ..errors import ConfigError
 from ..losses.contrastive import build_contrastive_loss
-from ..models.clip import CLIP, CLIPConfig, CLIPOutput
+from ..models.clip import CLIP, CLIPOutput
+from ..networks import build
 from .optim import configure_optimizers
 
 
@@ -78,7 +79,7 @@ def retrieval_recall(
 class CLIPModule(L.LightningModule):
     """Hyperparameters are plain dicts, so checkpoints load with torch.load(weights_only=True).
 
-    net: CLIPConfig fields (configs/model/clip_net/*.yaml). loss: "infonce" or "sigmoid".
+    net: the network's `_target_` node (configs/model/clip_net/*.yaml). loss: "infonce" or "sigmoid".
     optimizer, scheduler: `_partial_` nodes (configs/model/optimizer/, configs/model/scheduler/).
     compile: torch.compile the network.
     """
@@ -96,7 +97,8 @@ class CLIPModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.config = CLIPConfig.from_dict(dict(net))
+        with torch.device("meta"):  # checked once, before anything is built for real
+            self.config = self._build(meta=True).config
         if loss == "sigmoid" and self.config.logit_bias_init is None:
             raise ConfigError("model.loss=sigmoid needs a learnable bias: set model.net.logit_bias_init=-10")
         self.loss_fn = build_contrastive_loss(loss)
@@ -110,9 +112,14 @@ class CLIPModule(L.LightningModule):
         # Built here, not in __init__, so sharded strategies can create the weights already partitioned.
         if self.net is not None:
             return
-        self.net = CLIP(self.config)
+        self.net = self._build()
         if self.hparams.compile:
             self.net.compile()
+
+    def _build(self, meta: bool = False) -> CLIP:
+        """The network of `net`; `meta=True` (under a meta device) skips the image-tower weights file."""
+        node = {**self.hparams.net, "image_checkpoint": None} if meta else self.hparams.net
+        return build(node, "model.net")
 
     def setup(self, stage: str) -> None:
         # The text tower pools at config.eot_id: it must be the tokenizer's end-of-text id.
@@ -220,7 +227,7 @@ class CLIPModule(L.LightningModule):
         if key not in self._flops:
             with torch.device("meta"):
                 # eval(): BatchNorm refuses a training-mode batch of one; the FLOPs are the same.
-                net = CLIP(CLIPConfig.from_dict({**self.config.to_dict(), "image_checkpoint": None})).eval()
+                net = self._build(meta=True).eval()
                 counter = FlopCounterMode(display=False)
                 with counter:
                     net(torch.empty(1, *images.shape[1:]), torch.zeros(1, tokens.shape[1], dtype=torch.long))

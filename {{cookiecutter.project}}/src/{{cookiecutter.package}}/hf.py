@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import shutil
-import sys
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,9 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
-from .errors import ConfigError, DataPathError, UserInputError
+from .checkpoints import save_atomically
+from .cli import exit_on_user_error
+from .errors import ConfigError, DataPathError
 from .models.gpt import GPT, GPTConfig
 
 GPT_TARGET = f"{GPT.__module__}.{GPT.__qualname__}"
@@ -164,17 +165,6 @@ def load_pretrained(src: str | Path, key: str = "model.teacher.hf") -> tuple[GPT
     return model, tokenizer
 
 
-def save_atomically(obj: Any, out: Path) -> None:
-    """torch.save to a temporary file beside `out`, then rename: never half a checkpoint."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def gpt_module_settings() -> dict[str, Any]:
     """model=gpt's optimizer, scheduler and compile, composed from configs/ (the one place they are
     written), so GPTModule.load_from_checkpoint and eval.py read an import like a checkpoint of train.py."""
@@ -206,9 +196,7 @@ def import_checkpoint(src: str | Path, out: str | Path) -> Path:
         "pytorch-lightning_version": version("lightning"),  # what load_from_checkpoint migrates from
         "imported_from": str(Path(src).resolve()),
     }
-    out = Path(out)
-    save_atomically(checkpoint, out)
-    return out
+    return save_atomically(checkpoint, out)
 
 
 def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
@@ -264,6 +252,7 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> Path:
     return out_dir
 
 
+@exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog=f"python -m {__name__}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -276,14 +265,10 @@ def main(argv: list[str] | None = None) -> None:
     exp.add_argument("ckpt", metavar="CKPT")
     exp.add_argument("out", metavar="OUT_DIR")
     args = parser.parse_args(argv)
-    try:
-        if args.command == "import":
-            print(import_checkpoint(args.src, args.out))
-        else:
-            print(export_checkpoint(args.ckpt, args.out))
-    except UserInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    if args.command == "import":
+        print(import_checkpoint(args.src, args.out))
+    else:
+        print(export_checkpoint(args.ckpt, args.out))
 
 
 if __name__ == "__main__":

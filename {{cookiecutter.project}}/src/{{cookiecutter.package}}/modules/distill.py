@@ -24,7 +24,6 @@ and perplexity, the same numbers a GPT run reports), val/teacher_loss, val/teach
 """
 
 import logging
-import os
 import re
 import warnings
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
+from ..checkpoints import save_atomically
 from ..errors import ConfigError, DataPathError
 from ..generation import load_network_checkpoint
 from ..losses.distill import KINDS, distillation_loss
@@ -332,12 +332,4 @@ def export_student(ckpt_path: str | Path, out_path: str | Path) -> Path:
     out["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
     out["hyper_parameters"] = {k: hparams[k] for k in ("net", "optimizer", "scheduler", "compile") if k in hparams}
     out["distilled_from"] = {"teacher": hparams["teacher"], "loss": hparams.get("loss")}
-    out_path = Path(out_path)
-    # Written beside the target, then renamed: never half a file. (Not mkstemp: its files are private, 0600.)
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(out, tmp)
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out_path
+    return save_atomically(out, out_path)

@@ -1,6 +1,6 @@
 """{{ cookiecutter.project_name }}: {{ cookiecutter.description }}"""
 
-# Imported on first use, so `import {{cookiecutter.package}}.models.gpt` (or any subpackage) loads
+# Imported on first use, so importing a subpackage (`{{cookiecutter.package}}.models`, ...) loads
 # only what that file imports: no Lightning, Hydra or data modules behind a plain torch network.
 LAZY = {
 {%- if cookiecutter.gpt %}

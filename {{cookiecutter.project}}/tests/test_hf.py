@@ -177,6 +177,7 @@ def test_an_imported_model_fine_tunes_and_samples(compose_cfg, hf_dir, imported)
         "generate.py", f"ckpt_path={imported}", "prompt=ROMEO:", "max_new_tokens=8", f"hydra.run.dir={last.parent}"
     )
     assert proc.stdout.startswith("ROMEO:")
+{%- if cookiecutter.distill %}
 
 
 @pytest.mark.parametrize("source", ["hf", "ckpt_path"])
@@ -186,6 +187,7 @@ def test_an_imported_model_teaches_model_distill(compose_cfg, hf_dir, imported, 
     metrics = train(cfg)
     # The teacher's validation loss is transformers' loss on the same windows (random weights: high).
     assert metrics["val/teacher_loss"] > 0 and metrics["val/kl"] >= 0
+{%- endif %}
 
 
 def test_eval_of_an_import_reports_transformers_loss_on_the_validation_windows(compose_cfg, hf_dir, imported):

@@ -3,7 +3,7 @@ src/<package>/models/<name>.py + configs/model/net/<name>.yaml, and nothing else
 
 In a copy of this project the test writes those two files (a causal convolution LM, no attention:
 the modules must need nothing but the protocol), then trains it, samples from its checkpoint with
-generate.py and distils a GPT into it, each as a user types it."""
+generate.py{% if cookiecutter.distill %} and distils a GPT into it{% endif %}, each as a user types it."""
 
 import os
 import shutil
@@ -109,7 +109,7 @@ def run(project: Path, *words: str) -> subprocess.CompletedProcess:
     return proc
 
 
-def test_a_new_architecture_is_two_files(tmp_path, corpus, data_dir, gpt_checkpoint):
+def test_a_new_architecture_is_two_files(tmp_path, corpus, data_dir{% if cookiecutter.distill %}, gpt_checkpoint{% endif %}):
     project = tmp_path / "project"
     shutil.copytree(ROOT, project, ignore=lambda folder, names: skipped(folder, names, ROOT))
     before = files(project)
@@ -126,6 +126,7 @@ def test_a_new_architecture_is_two_files(tmp_path, corpus, data_dir, gpt_checkpo
     assert net["_target_"] == "{{cookiecutter.package}}.models.convlm.ConvLM" and net["kernel"] == 4
     sample = run(project, "generate.py", f"ckpt_path={last}", "prompt=ROMEO:", "max_new_tokens=12").stdout
     assert sample.startswith("ROMEO:") and len(sample.strip()) > len("ROMEO:")
+{%- if cookiecutter.distill %}
 
     # Distillation into the new network: a GPT trained on the same data teaches it.
     teacher = f"model.teacher.ckpt_path={gpt_checkpoint}"
@@ -133,6 +134,7 @@ def test_a_new_architecture_is_two_files(tmp_path, corpus, data_dir, gpt_checkpo
     student = torch.load(runs / "distill" / "checkpoints" / "student.ckpt", weights_only=True)
     assert student["hyper_parameters"]["net"]["_target_"] == "{{cookiecutter.package}}.models.convlm.ConvLM"
     assert any(k.startswith("net.blocks.1.conv") for k in student["state_dict"])
+{%- endif %}
 
     after = files(project)
     assert sorted(set(after) - set(before)) == [

@@ -46,14 +46,27 @@ def hf_dir(tmp_path_factory, corpus) -> Path:
     return folder
 
 
-def hf_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+def hf_cli(*args: str) -> subprocess.CompletedProcess:
     """`python -m {{cookiecutter.package}}.hf ARGS` in a fresh process, as docs/gpt.md shows it."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     command = [sys.executable, "-m", "{{cookiecutter.package}}.hf", *args]
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
-    if check:
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+def cli_error(capsys: pytest.CaptureFixture, *args: str) -> str:
+    """What `python -m {{cookiecutter.package}}.hf ARGS` prints when it exits with status 2 (run in
+    this process: the same main, without a second interpreter's start-up)."""
+    from {{cookiecutter.package}}.hf import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr and stderr.count("\n") == 1  # one line
+    return stderr
 
 
 def hf_model(folder: Path):
@@ -109,8 +122,9 @@ def test_export_then_import_is_bitwise_and_transformers_loads_the_export(hf_dir,
 
 
 def test_a_safetensors_file_with_its_config_imports(hf_dir, imported, tmp_path):
-    out = tmp_path / "from-file.ckpt"
-    hf_cli("import", str(hf_dir / "model.safetensors"), str(out))
+    from {{cookiecutter.package}}.hf import import_checkpoint
+
+    out = import_checkpoint(hf_dir / "model.safetensors", tmp_path / "from-file.ckpt")
     a, b = (torch.load(p, weights_only=True)["state_dict"] for p in (imported, out))
     assert all(torch.equal(v, b[k]) for k, v in a.items())
 
@@ -132,23 +146,20 @@ def broken_copy(hf_dir: Path, tmp_path: Path, **config_changes) -> Path:
         ({"n_inner": 64}, "n_inner=64 cannot be converted"),
     ],
 )
-def test_what_cannot_be_converted_is_one_clear_error(hf_dir, tmp_path, change, message):
+def test_what_cannot_be_converted_is_one_clear_error(hf_dir, tmp_path, change, message, capsys):
     out = tmp_path / "x.ckpt"
-    proc = hf_cli("import", str(broken_copy(hf_dir, tmp_path, **change)), str(out), check=False)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.startswith("error: SRC=") and message in proc.stderr
+    stderr = cli_error(capsys, "import", str(broken_copy(hf_dir, tmp_path, **change)), str(out))
+    assert stderr.startswith("error: SRC=") and message in stderr
     assert not out.exists() and not list(tmp_path.glob(".x.ckpt*"))  # nothing half-written
 
 
-def test_missing_files_and_an_unexportable_checkpoint_are_clear_errors(hf_dir, tmp_path, gpt_checkpoint):
+def test_missing_files_and_an_unexportable_checkpoint_are_clear_errors(hf_dir, tmp_path, gpt_checkpoint, capsys):
     folder = tmp_path / "no-tokenizer"
     shutil.copytree(hf_dir, folder)
     (folder / "tokenizer.json").unlink()
-    proc = hf_cli("import", str(folder), str(tmp_path / "x.ckpt"), check=False)
-    assert proc.returncode == 2 and f"no tokenizer.json in {folder}" in proc.stderr
+    assert f"no tokenizer.json in {folder}" in cli_error(capsys, "import", str(folder), str(tmp_path / "x.ckpt"))
     # The tiny preset has no biases (bias=false); GPT-2 has them everywhere.
-    proc = hf_cli("export", str(gpt_checkpoint), str(tmp_path / "out"), check=False)
-    assert proc.returncode == 2 and "trained with bias=false" in proc.stderr
+    assert "trained with bias=false" in cli_error(capsys, "export", str(gpt_checkpoint), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
 
@@ -169,14 +180,15 @@ def test_an_imported_model_fine_tunes_and_samples(compose_cfg, hf_dir, imported)
     metrics = train(cfg)
     assert metrics["val/loss"] < 10
     last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-    proc = run_script(
-        "generate.py", f"ckpt_path={last}", "prompt=ROMEO:", "max_new_tokens=8", f"hydra.run.dir={last.parent}"
-    )
-    assert proc.stdout.startswith("ROMEO:")
+    tuned, _ = load_network_checkpoint(str(last))  # rebuilt from model.net.ckpt_path, then its own weights
+    trained = torch.load(last, weights_only=True)["state_dict"]
+    assert all(torch.equal(v, trained[f"net.{k}"]) for k, v in tuned.state_dict().items())
+    assert any(not torch.equal(v, start[f"net.{k}"]) for k, v in tuned.state_dict().items())  # it did train
+    # generate.py samples from the import with the folder's own tokenizer (stored in the checkpoint).
     proc = run_script(
         "generate.py", f"ckpt_path={imported}", "prompt=ROMEO:", "max_new_tokens=8", f"hydra.run.dir={last.parent}"
     )
-    assert proc.stdout.startswith("ROMEO:")
+    assert proc.stdout.startswith("ROMEO:") and len(proc.stdout.strip()) > len("ROMEO:")
 {%- if cookiecutter.distill %}
 
 

@@ -105,6 +105,8 @@ def test_imported_logits_and_loss_match_transformers(hf_dir, imported):
 
 
 def test_export_then_import_is_bitwise_and_transformers_loads_the_export(hf_dir, imported, tmp_path):
+    from {{cookiecutter.package}}.hf import import_checkpoint
+
     out_dir = tmp_path / "exported"
     hf_cli("export", str(imported), str(out_dir))
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out_dir.iterdir()}
@@ -113,8 +115,7 @@ def test_export_then_import_is_bitwise_and_transformers_loads_the_export(hf_dir,
     x = tokens()
     with torch.no_grad():
         assert torch.equal(exported(x).logits, original(x).logits)
-    again = tmp_path / "again.ckpt"
-    hf_cli("import", str(out_dir), str(again))
+    again = import_checkpoint(out_dir, tmp_path / "again.ckpt")  # the command itself: the `imported` fixture
     first, second = (torch.load(p, weights_only=True)["state_dict"] for p in (imported, again))
     assert first.keys() == second.keys()
     for key, value in first.items():

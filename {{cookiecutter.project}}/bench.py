@@ -8,7 +8,7 @@ import hydra
 from omegaconf import DictConfig
 
 from {{cookiecutter.package}}.benchmark import run_benchmark
-from {{cookiecutter.package}}.errors import exit_on_user_error
+from {{cookiecutter.package}}.cli import exit_on_user_error, run_hydra
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="bench")
@@ -18,4 +18,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra(main)

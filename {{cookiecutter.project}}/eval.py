@@ -3,7 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from {{cookiecutter.package}}.errors import exit_on_user_error, run_hydra
+from {{cookiecutter.package}}.cli import exit_on_user_error, run_hydra
 from {{cookiecutter.package}}.training import evaluate
 
 

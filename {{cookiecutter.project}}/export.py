@@ -6,7 +6,7 @@ safetensors: weights + config.json + tokenizer.json; onnx: model.onnx checked wi
 import hydra
 from omegaconf import DictConfig
 
-from {{cookiecutter.package}}.errors import exit_on_user_error
+from {{cookiecutter.package}}.cli import exit_on_user_error, run_hydra
 from {{cookiecutter.package}}.export import run
 
 
@@ -17,4 +17,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra(main)

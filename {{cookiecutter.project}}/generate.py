@@ -8,7 +8,7 @@ standard input, `prompt_file=-`.
 import hydra
 from omegaconf import DictConfig
 
-from {{cookiecutter.package}}.errors import exit_on_user_error, run_hydra
+from {{cookiecutter.package}}.cli import exit_on_user_error, run_hydra
 from {{cookiecutter.package}}.generation import read_prompt, sample_from_checkpoint
 
 

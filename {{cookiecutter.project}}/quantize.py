@@ -7,7 +7,7 @@ checkpoint beside the original (`output=` to choose); `quantize.method` lists th
 import hydra
 from omegaconf import DictConfig
 
-from {{cookiecutter.package}}.errors import exit_on_user_error
+from {{cookiecutter.package}}.cli import exit_on_user_error, run_hydra
 from {{cookiecutter.package}}.quantize import run
 
 
@@ -18,4 +18,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra(main)

@@ -24,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # runs fro
 from {{cookiecutter.package}}.benchmark import median_step_ms  # noqa: E402
 from {{cookiecutter.package}}.callbacks.throughput import peak_flops  # noqa: E402
 from {{cookiecutter.package}}.losses.contrastive import build_contrastive_loss  # noqa: E402
-from {{cookiecutter.package}}.models.clip import CLIP, CLIP_PRESETS, CLIPConfig  # noqa: E402
+from {{cookiecutter.package}}.models.clip import CLIP, CLIPConfig  # noqa: E402
 from {{cookiecutter.package}}.modules.optim import build_adamw  # noqa: E402
+from {{cookiecutter.package}}.networks import net_preset, net_presets  # noqa: E402
 
 PRECISIONS = {  # name -> (autocast dtype or None, float32 matmul precision, Lightning's precision name)
     "fp32": (None, "highest", "32-true"),
@@ -37,10 +38,12 @@ PRECISIONS = {  # name -> (autocast dtype or None, float32 matmul precision, Lig
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="vit-b-16", choices=sorted(CLIP_PRESETS), help="CLIPConfig preset")
+    presets = net_presets(group="clip_net")
+    p.add_argument("--preset", default="vit-b-16", choices=presets, help="configs/model/clip_net/ preset")
     p.add_argument("--image-model", default=None, help="timm model name for the image tower (default: the preset's)")
-    p.add_argument("--image-size", type=int, default=None, help="input side in pixels (default: the preset's)")
-    p.add_argument("--context-length", type=int, default=None, help="caption tokens (default: the preset's)")
+    p.add_argument("--image-size", type=int, default=None, help="input side in pixels (default: the model's, 224)")
+    p.add_argument("--context-length", type=int, default=77, help="caption tokens (OpenAI CLIP's 77)")
+    p.add_argument("--vocab-size", type=int, default=49408, help="text vocabulary (OpenAI CLIP's 49408)")
     p.add_argument("--batch-size", type=int, nargs="+", default=[256], help="per-device batch sizes, one row each")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default="bf16", choices=sorted(PRECISIONS))
@@ -53,15 +56,16 @@ def parse_args() -> argparse.Namespace:
 
 
 def build_config(args: argparse.Namespace) -> CLIPConfig:
-    preset = dict(CLIP_PRESETS[args.preset])
-    kwargs = dict(preset.get("image_kwargs", {}))
+    # The presets take these from the data in train.py; here they are the command's.
+    data = {"tokenizer": {"vocab_size": args.vocab_size}, "context_length": args.context_length}
+    preset = net_preset(args.preset, group="clip_net", data={**data, "image_size": args.image_size or 224})
+    del preset["_target_"]
+    kwargs = dict(preset.get("image_kwargs") or {})
     if args.image_model is not None and args.image_model != preset["image_model"]:
         preset["image_model"], kwargs = args.image_model, {}  # the preset's size overrides belong to its model
     if args.image_size is not None and timm.get_pretrained_cfg(preset["image_model"]).fixed_input_size:
         kwargs["img_size"] = args.image_size  # ViTs are built for one input size; CNNs take any
     overrides = dict(image_kwargs=kwargs, gradient_checkpointing=args.gradient_checkpointing)
-    if args.context_length is not None:
-        overrides["context_length"] = args.context_length
     if args.loss == "sigmoid":
         overrides["logit_bias_init"] = -10.0
     return CLIPConfig(**{**preset, **overrides})
@@ -78,7 +82,7 @@ def flops_per_sample(config: CLIPConfig, image_size: int) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
-        net = CLIP(config).eval()  # BatchNorm refuses a training-mode batch of one; same FLOPs
+        net = CLIP(**config.to_dict()).eval()  # BatchNorm refuses a training-mode batch of one; same FLOPs
         counter = FlopCounterMode(display=False)
         with counter:
             net(torch.empty(1, 3, image_size, image_size), torch.zeros(1, config.context_length, dtype=torch.long))
@@ -91,7 +95,7 @@ def run(config: CLIPConfig, batch_size: int, args: argparse.Namespace) -> dict[s
     torch.set_float32_matmul_precision(matmul_precision)
     torch.backends.cudnn.benchmark = True  # CNN towers: pick the fastest convolution kernels in warmup
     torch.manual_seed(0)
-    model = CLIP(config).to(device)
+    model = CLIP(**config.to_dict()).to(device)
     size = image_size_of(model, args)
     loss_fn = build_contrastive_loss(args.loss)
     optimizer = build_adamw(model.parameters(), lr=1e-4, weight_decay=0.2)

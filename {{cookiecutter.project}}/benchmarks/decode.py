@@ -30,7 +30,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 if str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
 
-from {{cookiecutter.package}}.generation import generate, load_gpt_checkpoint  # noqa: E402
+from {{cookiecutter.package}}.generation import generate, load_network_checkpoint  # noqa: E402
 from {{cookiecutter.package}}.models.gpt import GPT, GPT_PRESETS, GPTConfig  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build(args: argparse.Namespace, weights: str) -> GPT:
     if args.ckpt:
-        model, _ = load_gpt_checkpoint(args.ckpt, key="--ckpt")
+        model, _ = load_network_checkpoint(args.ckpt, key="--ckpt")
     else:
         torch.manual_seed(0)
         model = GPT(GPTConfig.from_name(args.net))

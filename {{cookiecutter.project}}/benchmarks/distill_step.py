@@ -35,19 +35,23 @@ if str(SRC) not in sys.path:
 
 from {{cookiecutter.package}}.benchmark import check_step_args, median_step_ms  # noqa: E402
 from {{cookiecutter.package}}.losses.distill import KINDS, distillation_loss  # noqa: E402
-from {{cookiecutter.package}}.models.gpt import GPT, GPT_PRESETS, GPTConfig  # noqa: E402
+from {{cookiecutter.package}}.models.gpt import GPT, GPTConfig  # noqa: E402
 from {{cookiecutter.package}}.modules.optim import build_adamw  # noqa: E402
+from {{cookiecutter.package}}.networks import net_preset, net_presets  # noqa: E402
 
 ROWS = ("student", "distill", "teacher", "loss")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", default="tiny", choices=sorted(GPT_PRESETS), help="teacher preset")
-    p.add_argument("--student", default="tiny", choices=sorted(GPT_PRESETS), help="student preset")
+    presets = net_presets(f"{GPT.__module__}.{GPT.__qualname__}")
+    p.add_argument("--teacher", default="tiny", choices=presets, help="teacher preset (configs/model/net/)")
+    p.add_argument("--student", default="tiny", choices=presets, help="student preset")
     p.add_argument("--teacher-set", nargs="*", default=[], metavar="KEY=VALUE", help="teacher GPTConfig overrides")
     p.add_argument("--student-set", nargs="*", default=[], metavar="KEY=VALUE", help="e.g. num_layers=2 d_model=64")
-    p.add_argument("--vocab-size", type=int, default=None, help="shared vocabulary (default: the teacher preset's)")
+    p.add_argument(
+        "--vocab-size", type=int, default=50257, help="shared vocabulary: GPT-2's (presets take it from the data)"
+    )
     p.add_argument("--batch", type=int, default=8, help="sequences per step")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -75,10 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def configs(args: argparse.Namespace) -> tuple[GPTConfig, GPTConfig]:
     """(teacher, student): one vocabulary and one context for both, then each one's overrides."""
-    vocab = args.vocab_size or GPT_PRESETS[args.teacher]["vocab_size"]
-    shape = {"vocab_size": vocab, "max_length": args.seq_len}
-    teacher = GPTConfig.from_name(args.teacher, **{**shape, **args.teacher_set})
-    student = GPTConfig.from_name(args.student, **{**shape, **args.student_set})
+    shape = {"vocab_size": args.vocab_size, "max_length": args.seq_len}
+    nodes = net_preset(args.teacher, **shape, **args.teacher_set), net_preset(args.student, **shape, **args.student_set)
+    teacher, student = (GPTConfig(**{k: v for k, v in n.items() if k != "_target_"}) for n in nodes)
     return teacher, student
 
 
@@ -113,7 +116,7 @@ def measure(name: str, step: Callable[[], None], args: argparse.Namespace, devic
 
 def build(config: GPTConfig, device: torch.device, dtype: torch.dtype = torch.float32) -> GPT:
     with torch.device(device):
-        return GPT(config).to(dtype)
+        return GPT(**config.to_dict()).to(dtype)
 
 
 def free(device: torch.device) -> None:
@@ -220,7 +223,7 @@ def print_table(
     args: argparse.Namespace, device: torch.device, student: GPTConfig, teacher: GPTConfig, results: list[dict]
 ) -> None:
     with torch.device("meta"):
-        n_student, n_teacher = GPT(student).num_params(False), GPT(teacher).num_params(False)
+        n_student, n_teacher = (GPT(**c.to_dict()).num_params(False) for c in (student, teacher))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(
         f"device {name} | dtype {args.dtype} (teacher weights {args.teacher_weights}) | batch {args.batch} x "

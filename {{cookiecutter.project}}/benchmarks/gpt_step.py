@@ -47,10 +47,12 @@ if str(SRC) not in sys.path:
 
 from {{cookiecutter.package}}.benchmark import check_step_args, median_step_ms  # noqa: E402
 from {{cookiecutter.package}}.callbacks.throughput import peak_flops  # noqa: E402
-from {{cookiecutter.package}}.models.gpt import GPT, GPT_PRESETS, GPTConfig  # noqa: E402
+from {{cookiecutter.package}}.models.gpt import GPT  # noqa: E402
 from {{cookiecutter.package}}.modules.optim import build_adamw  # noqa: E402
+from {{cookiecutter.package}}.networks import build_causal_lm, net_preset, net_presets  # noqa: E402
 from {{cookiecutter.package}}.parallel import compile_units  # noqa: E402
 
+GPT_TARGET = f"{GPT.__module__}.{GPT.__qualname__}"
 LEVERS = {
     "compile": ("none", "blocks", "full"),
     "mode": ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"),
@@ -80,10 +82,10 @@ def parse_variant(words: list[str]) -> tuple[str, dict[str, str]]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--net", default="tiny", choices=sorted(GPT_PRESETS), help="GPT preset")
+    p.add_argument("--net", default="tiny", choices=net_presets(GPT_TARGET), help="configs/model/net/ preset")
     p.add_argument("--batch", type=int, default=8, help="sequences per step")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
-    p.add_argument("--vocab-size", type=int, default=None, help="default: the preset's")
+    p.add_argument("--vocab-size", type=int, default=50257, help="default: GPT-2's (presets take it from the data)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"], help="bf16: autocast, fp32 weights")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation, autotuning)")
@@ -125,11 +127,11 @@ def run_one(args: argparse.Namespace, name: str, levers: dict[str, str]) -> dict
         import torch._inductor.config as inductor_config
 
         inductor_config.coordinate_descent_tuning = True
-    overrides = {"max_length": args.seq_len} | ({"vocab_size": args.vocab_size} if args.vocab_size else {})
-    config = GPTConfig.from_name(args.net, **overrides)
+    node = net_preset(args.net, vocab_size=args.vocab_size, max_length=args.seq_len)
     torch.manual_seed(0)
     with torch.device(device):
-        net = GPT(config)
+        net = build_causal_lm(node, f"--net {args.net}")
+    config = net.config
     if levers["fp8"] != "none":
         convert_fp8(net, levers["fp8"], head=levers["fp8_head"] == "1")
     mode = None if levers["mode"] == "default" else levers["mode"]
@@ -167,7 +169,7 @@ def run_one(args: argparse.Namespace, name: str, levers: dict[str, str]) -> dict
     warmup_s = time.perf_counter() - t_compile
     ms = median_step_ms(step, args.steps, device)
     tokens = args.batch * args.seq_len
-    flops = (6 * net.num_params() + 12 * config.num_layers * config.d_model * args.seq_len) * tokens
+    flops = net.flops_per_token(args.seq_len) * tokens
     peak = peak_flops(device, "bf16-mixed" if args.dtype == "bf16" else "32-true")
     result = {
         "variant": name,

@@ -194,6 +194,22 @@ def compose_cfg(tmp_path: Path, data_dir: Path{% if cookiecutter.gpt %}, corpus:
     GlobalHydra.instance().clear()
 
 
+{%- if cookiecutter.gpt %}
+
+
+@pytest.fixture(scope="session")
+def gpt_checkpoint(tmp_path_factory: pytest.TempPathFactory, data_dir: Path, corpus: Path) -> Path:
+    """The last.ckpt of the tiny GPT trained for 2 steps on the test corpus (configs that load one)."""
+    from {{cookiecutter.package}}.training import train
+
+    out = tmp_path_factory.mktemp("gpt_checkpoint")
+    quiet = ["callbacks.text_samples=null", "callbacks.progress_bar=null", "callbacks.model_summary=null"]
+    train(compose_at(out, data_dir, corpus, overrides=["trainer.max_steps=2", *quiet]))
+    GlobalHydra.instance().clear()
+    return out / "out" / "checkpoints" / "last.ckpt"
+{%- endif %}
+
+
 def run_script(
     script: str, *overrides: str, cwd: Path = ROOT, check: bool = True, stdin: str | None = None
 ) -> subprocess.CompletedProcess:

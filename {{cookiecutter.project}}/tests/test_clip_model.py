@@ -8,14 +8,26 @@ import pytest
 import timm
 import torch
 
+from {{cookiecutter.package}}.errors import ConfigError
 from {{cookiecutter.package}}.models.clip import CLIP, CLIPConfig
+from {{cookiecutter.package}}.networks import build, net_preset
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
+# What the presets take from the data in train.py: a 512-token vocabulary, 16-token captions.
+DATA = {"tokenizer": {"vocab_size": 512}, "context_length": 16, "image_size": 224}
+
+
+def fields(name: str = "tiny", **overrides) -> dict:
+    """A preset of configs/model/clip_net/ as CLIP keyword arguments."""
+    node = net_preset(name, group="clip_net", data=DATA, **overrides)
+    return {k: v for k, v in node.items() if k != "_target_"}
+
+
 def tiny(**overrides) -> CLIP:
     torch.manual_seed(0)
-    return CLIP(CLIPConfig.from_name("tiny", **overrides))
+    return CLIP(**fields(**overrides))
 
 
 def captions(n: int, length: int = 16, eot: int = 0) -> torch.Tensor:
@@ -29,17 +41,19 @@ def captions(n: int, length: int = 16, eot: int = 0) -> torch.Tensor:
 
 def test_config_rejects_bad_values_naming_the_field(tmp_path):
     with pytest.raises(ValueError, match="text_width=64 must be divisible by text_heads=3"):
-        CLIPConfig.from_name("tiny", text_heads=3)
-    with pytest.raises(ValueError, match="unknown CLIP preset 'vit-h'"):
-        CLIPConfig.from_name("vit-h")
+        tiny(text_heads=3)
+    with pytest.raises(ConfigError, match="no network preset 'vit-h'"):
+        net_preset("vit-h", group="clip_net")
     with pytest.raises(ValueError, match=r"unknown CLIPConfig keys \['depth'\]"):
-        CLIPConfig.from_dict({"depth": 3})
+        CLIPConfig.from_dict({**fields(), "depth": 3})
+    with pytest.raises(ConfigError, match=r"model.net: unknown CLIPConfig keys \['depth'\]"):
+        build(net_preset("tiny", group="clip_net", data=DATA, depth=3), "model.net")
     with pytest.raises(ValueError, match="'resnet_9000' is not a timm model"):
-        CLIPConfig(image_model="resnet_9000")
+        tiny(image_model="resnet_9000")
     with pytest.raises(ValueError, match="nothing is downloaded"):
-        CLIPConfig(image_model="hf-hub:timm/vit_base_patch16_224.augreg_in21k")
+        tiny(image_model="hf-hub:timm/vit_base_patch16_224.augreg_in21k")
     with pytest.raises(ValueError, match="image_checkpoint=.*missing.pth' is not a file"):
-        CLIPConfig(image_checkpoint=str(tmp_path / "missing.pth"))
+        tiny(image_checkpoint=str(tmp_path / "missing.pth"))
 
 
 @pytest.mark.parametrize(
@@ -106,14 +120,14 @@ def test_gradient_checkpointing_changes_memory_not_results():
 
 def test_vit_b_16_preset_has_openai_clip_size():
     with torch.device("meta"):
-        model = CLIP(CLIPConfig.from_name("vit-b-16"))
+        model = CLIP(**fields("vit-b-16", vocab_size=49408, context_length=77))  # OpenAI CLIP's text sizes
     # 149.6M in OpenAI's ViT-B/16 CLIP; ours pads the vocabulary 49408 -> 49472 (+33K).
     assert model.num_params() / 1e6 == pytest.approx(149.6, abs=0.2)
     assert model.image_tower.num_classes == 0
 
 
 def test_image_tower_loads_a_local_checkpoint_without_network(tmp_path, monkeypatch):
-    config = CLIPConfig.from_name("tiny")
+    config = CLIPConfig(**fields())
     # A timm model *with* its classifier, as a user's downloaded file would be.
     source = timm.create_model(config.image_model, pretrained=False, num_classes=10, **config.image_kwargs)
     torch.save(source.state_dict(), tmp_path / "tower.pth")
@@ -122,7 +136,7 @@ def test_image_tower_loads_a_local_checkpoint_without_network(tmp_path, monkeypa
         raise AssertionError("tried to open a network connection")
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
-    model = CLIP(CLIPConfig.from_name("tiny", image_checkpoint=str(tmp_path / "tower.pth")))
+    model = tiny(image_checkpoint=str(tmp_path / "tower.pth"))
     loaded = model.image_tower.state_dict()
     assert set(source.state_dict()) - set(loaded) == {"fc.weight", "fc.bias"}  # num_classes=0: no classifier
     for key, value in loaded.items():

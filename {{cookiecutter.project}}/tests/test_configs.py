@@ -1,11 +1,13 @@
 """Every config composes, and what it describes instantiates."""
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from {{cookiecutter.package}}.training import build_callbacks, build_loggers, build_trainer
 
@@ -41,12 +43,33 @@ def test_trainer_presets_compose_and_instantiate(compose_cfg, option):
 
 
 @pytest.mark.parametrize("option", options("model"))
-def test_every_model_and_network_preset_instantiates(compose_cfg, option):
+def test_every_model_and_network_preset_instantiates(compose_cfg, option, request):
     assert option in MODELS, f"configs/model/{option}.yaml has no entry in MODELS"
     net_group, data = MODELS[option]
     for net in options(net_group):
-        cfg = compose_cfg(overrides=[*data, f"model={option}", f"{net_group}={net}"], tiny=False)
+        # The preset that starts from a checkpoint gets a real one (the tiny GPT, trained 2 steps).
+        extra = [f"model.net.ckpt_path={request.getfixturevalue('gpt_checkpoint')}"] if net == "pretrained" else []
+        cfg = compose_cfg(overrides=[*data, f"model={option}", f"{net_group}={net}", *extra], tiny=False)
         assert isinstance(instantiate(cfg.model, _convert_="all"), L.LightningModule)
+
+
+@pytest.mark.parametrize("group", ["model/optimizer", "model/scheduler"])
+def test_every_optimizer_and_schedule_builds_on_a_module(compose_cfg, group):
+    """Each option of the group, called as the modules call it: on the weight-decay groups, then the optimizer."""
+    from {{cookiecutter.package}}.modules.optim import configure_optimizers
+
+    model_option = "gpt" if (CONFIGS / "model" / "gpt.yaml").is_file() else "clip"
+    for option in options(group):
+        cfg = compose_cfg(overrides=[f"model={model_option}", f"{group}={option}"], tiny=True)
+        node = OmegaConf.to_container(cfg.model, resolve=True)
+        net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+        module = SimpleNamespace(
+            trainer=SimpleNamespace(precision_plugin=None, gradient_clip_val=None, estimated_stepping_batches=10)
+        )
+        out = configure_optimizers(module, net.parameters(), node["optimizer"], node["scheduler"])
+        decay, no_decay = out["optimizer"].param_groups
+        assert no_decay["weight_decay"] == 0.0 and len(decay["params"]) == 1 and len(no_decay["params"]) == 3
+        assert out["lr_scheduler"]["interval"] == "step"
 {%- if cookiecutter.clip %}
 
 

@@ -9,11 +9,11 @@ import lightning as L
 import pytest
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from {{cookiecutter.package}}.checkpoints import consolidate
 from {{cookiecutter.package}}.errors import ConfigError, DataPathError
 from {{cookiecutter.package}}.generation import load_checkpoint_for_generation
-from {{cookiecutter.package}}.models.gpt import GPTConfig
 from {{cookiecutter.package}}.modules.distill import DistillModule
 from {{cookiecutter.package}}.modules.gpt import GPTModule
 from {{cookiecutter.package}}.training import build_trainer, evaluate, train
@@ -37,6 +37,12 @@ def teacher(tmp_path_factory, data_dir, corpus) -> tuple[Path, dict[str, float]]
 def distill_overrides(ckpt: Path, *extra: str) -> list[str]:
     """model=distill with the tiny test data; the student is the tiny preset with 2 layers."""
     return ["model=distill", f"model.teacher.ckpt_path={ckpt}", "model.net.num_layers=2", *QUIET, *extra]
+
+
+def distill_kwargs(compose_cfg, *overrides: str) -> dict:
+    """DistillModule's keyword arguments as configs/model/distill.yaml gives them (tiny data), plain."""
+    node = OmegaConf.to_container(compose_cfg(overrides=["model=distill", *overrides]).model, resolve=True)
+    return {k: v for k, v in node.items() if not k.startswith("_")}
 
 
 def net_weights(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -160,9 +166,9 @@ def test_bf16_autocast_with_a_preset_teacher_runs(compose_cfg):
     assert torch.isfinite(torch.tensor(metrics["val/loss"])) and metrics["val/teacher_ppl"] > 1
 
 
-def test_a_teacher_with_another_vocabulary_size_is_one_clear_error(teacher):
-    student = GPTConfig.from_name("tiny", vocab_size=640, max_length=32, num_layers=2).to_dict()
-    module = DistillModule(net=student, teacher={"ckpt_path": str(teacher[0])})
+def test_a_teacher_with_another_vocabulary_size_is_one_clear_error(compose_cfg, teacher):
+    kwargs = distill_kwargs(compose_cfg, "model.net.vocab_size=640", f"model.teacher.ckpt_path={teacher[0]}")
+    module = DistillModule(**kwargs)
     with pytest.raises(ConfigError, match=r"has vocab_size=512 but the student \(model.net.vocab_size\) has 640"):
         module.configure_model()
 
@@ -177,25 +183,33 @@ def test_a_teacher_with_another_tokenizer_of_the_same_size_is_one_clear_error(co
 
 
 @pytest.mark.parametrize(
-    "kwargs, error, message",
+    "overrides, message",
     [
-        (dict(loss={"alpha": 1.5}), ConfigError, r"model.loss.alpha must be in \[0, 1\]"),
-        (dict(loss={"kind": "js"}), ConfigError, "model.loss.kind must be one of"),
-        (dict(loss={"alpah": 0.5}), ConfigError, r"unknown keys \['model.loss.alpah'\]"),
-        (dict(teacher={"net": None}), ConfigError, "model.teacher: set ckpt_path"),
-        (dict(teacher={"net": {"num_layers": 2, "max_length": 16}}), ConfigError, "reads at most 16 tokens"),
+        (["model.loss.alpha=1.5"], r"model.loss.alpha must be in \[0, 1\]"),
+        (["model.loss.kind=js"], "model.loss.kind must be one of"),
+        (["+model.loss.alpah=0.5"], r"model.loss has unknown keys \['model.loss.alpah'\]"),
+        (["model.teacher.net=null"], "model.teacher: set ckpt_path"),
+        (["model.teacher.ckpt_path=a.ckpt", "model.teacher.hf=gpt2"], "model.teacher: set ckpt_path or hf, not both"),
+        (["model.teacher.net.max_length=16"], "reads at most 16 tokens"),
+        (["model.net.d_model=130"], "model.net: GPTConfig.d_model=130 must be divisible by num_heads=4"),
+        (
+            ["model.net._target_=torch.nn.Linear"],
+            r"model.net: torch.nn.Linear does not take these arguments: missing a required argument: 'in_features'",
+        ),
+        (
+            ["model.net._target_=torch.nn.Identity"],
+            r"torch.nn.Identity is not a causal language model: it lacks \['loss'",
+        ),
+        (["model.teacher.net._target_=torch.nn.Linearr"], r"model.teacher.net._target_='torch.nn.Linearr' cannot be"),
     ],
 )
-def test_bad_settings_name_the_config_key(kwargs, error, message):
-    student = GPTConfig.from_name("tiny", max_length=32).to_dict()
-    kwargs = {"teacher": {"net": student}, **kwargs}
-    with pytest.raises(error, match=message):
-        DistillModule(net=student, **kwargs)
+def test_bad_settings_name_the_config_key(compose_cfg, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        DistillModule(**distill_kwargs(compose_cfg, *overrides))
 
 
-def test_loading_is_strict_about_everything_but_the_teacher():
-    student = GPTConfig.from_name("tiny", vocab_size=300, max_length=16, num_layers=1).to_dict()
-    module = DistillModule(net=student, teacher={"net": student})
+def test_loading_is_strict_about_everything_but_the_teacher(compose_cfg):
+    module = DistillModule(**distill_kwargs(compose_cfg, "data.block_size=16", "model.net.num_layers=1"))
     module.configure_model()
     state = module.state_dict()
     assert state and not any("teacher" in k for k in state)  # the teacher is never saved ...
@@ -206,15 +220,17 @@ def test_loading_is_strict_about_everything_but_the_teacher():
         module.load_state_dict({**state, "net.extra": torch.zeros(1)})
 
 
-def test_a_missing_teacher_checkpoint_names_the_key():
-    module = DistillModule(net=GPTConfig.from_name("tiny").to_dict(), teacher={"ckpt_path": "nowhere.ckpt"})
+def test_a_missing_teacher_checkpoint_names_the_key(compose_cfg):
+    module = DistillModule(**distill_kwargs(compose_cfg, "model.teacher.ckpt_path=nowhere.ckpt"))
     with pytest.raises(DataPathError, match="model.teacher.ckpt_path='nowhere.ckpt' does not exist"):
         module.configure_model()
 
 
 def test_eval_of_a_gpt_checkpoint_with_model_distill_says_which_model_wrote_it(compose_cfg, teacher):
     cfg = compose_cfg("eval", ["model=distill", f"ckpt_path={teacher[0]}"])
-    with pytest.raises(ConfigError, match=r"not written by DistillModule \(it needs hyper-parameters \['teacher'\]"):
+    with pytest.raises(
+        ConfigError, match=r"not written by DistillModule \(it needs hyper-parameters \['teacher', 'loss'\]"
+    ):
         evaluate(cfg)
 
 

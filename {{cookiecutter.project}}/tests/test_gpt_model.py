@@ -3,29 +3,41 @@ import math
 import pytest
 import torch
 
+from {{cookiecutter.package}}.errors import ConfigError
 from {{cookiecutter.package}}.generation import filter_logits, generate
-from {{cookiecutter.package}}.models.gpt import GPT, GPT_PRESETS, GPTConfig
+from {{cookiecutter.package}}.models.gpt import GPT
+from {{cookiecutter.package}}.networks import build_causal_lm, net_preset
+
+
+def fields(name: str = "tiny", **overrides) -> dict:
+    """A preset of configs/model/net/ as GPT keyword arguments (the demo's vocabulary and context)."""
+    node = net_preset(name, **{"vocab_size": 2048, "max_length": 128, **overrides})
+    return {k: v for k, v in node.items() if k != "_target_"}
 
 
 def tiny(**overrides) -> GPT:
     torch.manual_seed(0)
-    return GPT(GPTConfig.from_name("tiny", **overrides))
+    return GPT(**fields(**overrides))
 
 
 def test_config_rejects_bad_values_naming_the_field():
     with pytest.raises(ValueError, match="d_model=130 must be divisible by num_heads=4"):
-        GPTConfig.from_name("tiny", d_model=130)
+        tiny(d_model=130)
     with pytest.raises(ValueError, match="GPTConfig.num_layers must be a positive integer"):
-        GPTConfig(num_layers=0)
-    with pytest.raises(ValueError, match="unknown GPT preset 'gpt5'"):
-        GPTConfig.from_name("gpt5")
-    with pytest.raises(ValueError, match=r"unknown GPTConfig keys \['depth'\]"):
-        GPTConfig.from_dict({"depth": 3})
+        tiny(num_layers=0)
+    with pytest.raises(ConfigError, match=r"model.net: .*GPT does not take these arguments: .*'depth'"):
+        build_causal_lm(net_preset("tiny", vocab_size=256, max_length=16, depth=3), "model.net")
+    with pytest.raises(ConfigError, match=r"model.net: GPTConfig.d_model=130 must be divisible by num_heads=4"):
+        build_causal_lm(net_preset("tiny", vocab_size=256, max_length=16, d_model=130), "model.net")
+    with pytest.raises(ConfigError, match=r"no network preset 'gpt5'"):
+        net_preset("gpt5")
+    with pytest.raises(ConfigError, match=r"network preset 'tiny' takes \['max_length', 'vocab_size'\] from the data"):
+        net_preset("tiny")
 
 
 def test_vocab_is_padded_to_a_multiple_of_64():
-    assert GPTConfig(vocab_size=50257).padded_vocab_size == 50304
-    assert GPTConfig(vocab_size=512).padded_vocab_size == 512
+    assert tiny(vocab_size=50257).config.padded_vocab_size == 50304
+    assert tiny(vocab_size=512).config.padded_vocab_size == 512
     assert tiny(vocab_size=300).lm_head.weight.shape == (320, 128)
 
 
@@ -35,7 +47,7 @@ def test_vocab_is_padded_to_a_multiple_of_64():
 )
 def test_presets_have_gpt2_sizes(name, millions):
     with torch.device("meta"):
-        model = GPT(GPTConfig.from_name(name))
+        model = GPT(**fields(name, vocab_size=50257, max_length=1024))  # GPT-2's vocabulary and context
     total = model.num_params(non_embedding=False)  # tied head counted once, padded vocab included
     assert abs(total / 1e6 - millions) / millions < 0.01, total
 
@@ -114,19 +126,6 @@ def test_generate_is_seeded_and_never_samples_padding_ids():
     assert torch.equal(greedy[:, 3], model(prompt)[:, -1, :300].argmax(-1))
 
 
-def test_presets_match_config_files():
-    """configs/model/net/*.yaml carry the same architecture as GPT_PRESETS."""
-    from pathlib import Path
-
-    import yaml
-
-    folder = Path(__file__).resolve().parents[1] / "configs" / "model" / "net"
-    for name, preset in GPT_PRESETS.items():
-        values = yaml.safe_load((folder / f"{name}.yaml").read_text())
-        for key in ("num_layers", "d_model", "num_heads"):
-            assert values[key] == preset[key], (name, key)
-
-
 def test_compile_units_keeps_parameter_names_and_results():
     from {{cookiecutter.package}}.parallel import compile_units
 
@@ -141,7 +140,7 @@ def test_layers_initialise_themselves_as_they_are_built():
     """GPT-2 init happens inside each layer's constructor (so DeepSpeed's zero.Init, which partitions
     every layer right after its constructor, still gets it): check the statistics on a wide model."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=4096, max_length=256, num_layers=8, d_model=512, num_heads=8))
+    model = tiny(vocab_size=4096, max_length=256, num_layers=8, d_model=512, num_heads=8)
     assert model.tok_emb.weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert model.blocks[0].attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert model.blocks[0].mlp.proj.weight.std().item() == pytest.approx(0.02 / 4, rel=0.05)  # 1/sqrt(2*8)

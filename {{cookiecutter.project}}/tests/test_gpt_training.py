@@ -11,7 +11,6 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from {{cookiecutter.package}} import GPTConfig
 from {{cookiecutter.package}} import train as api_train
 from {{cookiecutter.package}}.training import train
 
@@ -155,21 +154,37 @@ def test_user_errors_are_one_clear_line(tmp_path, corpus, overrides, expected):
     assert not list((tmp_path / "cache").glob("text-*")) if (tmp_path / "cache").exists() else True
 
 
-def test_python_api_trains_without_hydra(tmp_path, corpus):
+def test_python_api_trains_with_the_config_train_py_composes(tmp_path):
+    """api.train composes configs/train.yaml (no second copy of any default): the checkpoint's
+    optimizer and schedule are exactly the YAML files' nodes."""
+    import yaml
+
     jsonl = tmp_path / "train.jsonl"
     jsonl.write_text("".join(json.dumps({"text": f"line {i}: the quick brown fox"}) + "\n" for i in range(400)))
-    module = api_train(
-        GPTConfig.from_name("tiny", vocab_size=300, max_length=16),
-        train_data=str(jsonl),
-        max_steps=3,
-        batch_size=4,
+    quiet = ["callbacks.text_samples=null", "callbacks.progress_bar=null", "callbacks.model_summary=null"]
+    metrics = api_train(
+        str(jsonl),
+        "data.tokenizer.vocab_size=300",
+        "data.block_size=16",
+        "data.batch_size=4",
+        "trainer=cpu",
+        "trainer.max_steps=3",
+        "trainer.val_check_interval=3",
+        "trainer.limit_val_batches=1",
+        *quiet,
         out_dir=str(tmp_path / "api"),
-        accelerator="cpu",
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
-    assert module.trainer.global_step == 3
-    assert (tmp_path / "api" / "checkpoints" / "last.ckpt").is_file()
+    assert metrics["val/loss"] > 0
+    ckpt = torch.load(tmp_path / "api" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 3
+    configs = ROOT / "configs" / "model"
+    assert ckpt["hyper_parameters"]["optimizer"] == yaml.safe_load((configs / "optimizer" / "adamw.yaml").read_text())
+    schedule = yaml.safe_load((configs / "scheduler" / "warmup_cosine.yaml").read_text())
+    assert ckpt["hyper_parameters"]["scheduler"] == schedule
+    assert (
+        ckpt["hyper_parameters"]["net"]["num_layers"]
+        == yaml.safe_load((configs / "net" / "tiny.yaml").read_text())["num_layers"]
+    )
 
 
 @pytest.mark.slow

@@ -9,7 +9,16 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from {{cookiecutter.package}}.errors import ConfigError
-from {{cookiecutter.package}}.modules.optim import WarmupCosine, build_adamw, configure_adamw_cosine, warmup_cosine
+from {{cookiecutter.package}}.modules.optim import WarmupCosine, build_adamw, configure_optimizers, warmup_cosine
+
+ADAMW = {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-3}
+CONSTANT = {
+    "_target_": "{{cookiecutter.package}}.modules.optim.WarmupCosine",
+    "_partial_": True,
+    "warmup_steps": 0,
+    "min_lr_ratio": 1.0,
+    "total_steps": 10,
+}
 
 
 def test_warmup_cosine_by_hand():
@@ -42,8 +51,8 @@ class Regression(L.LightningModule):
         return nn.functional.mse_loss(self.net(x).float(), y)
 
     def configure_optimizers(self) -> dict:
-        optimizer = {"lr": 1e-2, "weight_decay": 0.0, "fused": self.fused}
-        return configure_adamw_cosine(self, self.parameters(), optimizer, {"warmup_steps": 0, "min_lr_ratio": 1.0})
+        optimizer = {**ADAMW, "lr": 1e-2, "weight_decay": 0.0, "fused": self.fused}
+        return configure_optimizers(self, self.parameters(), optimizer, CONSTANT)
 
 
 def fit(fused: bool, clip: float | None) -> dict[str, torch.Tensor]:
@@ -80,13 +89,46 @@ def test_fused_with_fp16_loss_scaling_and_clipping_is_one_clear_error():
     module = SimpleNamespace(trainer=trainer)
     params = nn.Linear(2, 2).parameters()
     with pytest.raises(ConfigError, match="model.optimizer.fused=true cannot clip gradients"):
-        configure_adamw_cosine(module, params, {"lr": 1e-3, "fused": True}, {"total_steps": 10})
+        configure_optimizers(module, params, {**ADAMW, "fused": True}, CONSTANT)
+
+
+class Lion(torch.optim.SGD):
+    """A paper's optimizer: any class whose first argument is the parameter groups."""
+
+
+def test_any_optimizer_class_gets_the_weight_decay_groups_and_the_schedule():
+    net = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    module = SimpleNamespace(trainer=SimpleNamespace(precision_plugin=None, gradient_clip_val=None))
+    node = {"_target_": f"{__name__}.Lion", "_partial_": True, "lr": 0.5, "weight_decay": 0.01}
+    schedule = {**CONSTANT, "warmup_steps": 4, "min_lr_ratio": 0.1}
+    out = configure_optimizers(module, net.parameters(), node, schedule)
+    opt = out["optimizer"]
+    assert type(opt) is Lion
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.0]
+    assert [len(g["params"]) for g in opt.param_groups] == [1, 3]  # the weight; bias, norm gain and bias
+    assert [g["lr"] for g in opt.param_groups] == [0.5 / 4] * 2  # warmup step 0 of 4: lr * 1/4
+
+
+@pytest.mark.parametrize(
+    "optimizer, schedule, message",
+    [
+        ({**ADAMW, "_partial_": False}, CONSTANT, "model.optimizer needs `_partial_: true`"),
+        ({**ADAMW, "momentum": 0.9}, CONSTANT, r"model.optimizer: torch.optim.AdamW does not take these arguments"),
+        ({**ADAMW, "_target_": "torch.optim.Adamm"}, CONSTANT, r"model.optimizer._target_='torch.optim.Adamm' cannot"),
+        (ADAMW, {**CONSTANT, "total_steps": None}, "the LR schedule needs a length: set trainer.max_steps"),
+        (ADAMW, {**CONSTANT, "min_lr_ratio": 2.0}, r"model.scheduler: .*min_lr_ratio=2.0 in \[0, 1\]"),
+    ],
+)
+def test_bad_optimizer_and_schedule_nodes_name_the_key(optimizer, schedule, message):
+    trainer = SimpleNamespace(precision_plugin=None, gradient_clip_val=None, estimated_stepping_batches=float("inf"))
+    with pytest.raises(ConfigError, match=message):
+        configure_optimizers(SimpleNamespace(trainer=trainer), nn.Linear(2, 2).parameters(), optimizer, schedule)
 
 
 def test_a_resume_keeps_the_checkpoints_schedule_and_says_so_when_this_run_planned_another(caplog):
     def schedule(total: int) -> WarmupCosine:
         opt = torch.optim.AdamW([nn.Parameter(torch.zeros(2))], lr=1.0)
-        return WarmupCosine(opt, peak_lr=1.0, warmup_steps=2, total_steps=total, min_lr_ratio=0.1)
+        return WarmupCosine(opt, warmup_steps=2, total_steps=total, min_lr_ratio=0.1)
 
     first = schedule(24)
     for _ in range(12):

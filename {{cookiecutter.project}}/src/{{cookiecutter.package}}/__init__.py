@@ -1,19 +1,22 @@
 """{{ cookiecutter.project_name }}: {{ cookiecutter.description }}"""
+
+# Imported on first use, so importing a subpackage (`{{cookiecutter.package}}.models`, ...) loads
+# only what that file imports: no Lightning, Hydra or data modules behind a plain torch network.
+LAZY = {
 {%- if cookiecutter.gpt %}
-
-from .api import train
-from .models.gpt import GPT, GPTConfig
+    "GPT": ".models.gpt",
+    "train": ".api",
 {%- endif %}
-
-__all__ = [{% if cookiecutter.gpt %}"GPT", "GPTConfig", "train"{% endif %}{% if cookiecutter.gpt and cookiecutter.clip %}, {% endif %}{% if cookiecutter.clip %}"MultiModalPipeline"{% endif %}]
 {%- if cookiecutter.clip %}
+    "MultiModalPipeline": ".pipeline",  # imports timm, which takes seconds
+{%- endif %}
+}
+__all__ = sorted(LAZY)
 
 
 def __getattr__(name: str) -> object:
-    # Imported on first use: the pipeline imports timm, which takes seconds and most runs never need.
-    if name == "MultiModalPipeline":
-        from .pipeline import MultiModalPipeline
+    if name in LAZY:
+        from importlib import import_module
 
-        return MultiModalPipeline
+        return getattr(import_module(LAZY[name], __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-{%- endif %}

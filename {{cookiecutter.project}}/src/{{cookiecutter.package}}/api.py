@@ -1,79 +1,50 @@
-"""Training from Python, without Hydra:
+"""Training from Python, with the same config `python train.py` composes (Hydra's compose API):
 
-    from {{cookiecutter.package}} import GPTConfig, train
-    module = train(GPTConfig.from_name("tiny"), train_data="train.jsonl", max_steps=500)
+    from {{cookiecutter.package}} import train
+    metrics = train("train.jsonl", "model/net=tiny", "trainer.max_steps=500", out_dir="logs/api")
 
-The same objects as `python train.py` builds from configs/, with the same defaults.
+Every default comes from configs/; the overrides are train.py's command-line words.
 """
 
 from pathlib import Path
-from typing import Any
 
-import lightning as L
-from lightning.pytorch.loggers import TensorBoardLogger
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
 
-from .callbacks.checkpoint import ModelCheckpoint
-from .callbacks.nonfinite import NonFiniteLoss
-from .callbacks.preemption import Preemption
-from .callbacks.throughput import Throughput
-from .data.text import TextDataModule
-from .models.gpt import GPTConfig
-from .modules.gpt import GPTModule
-from .trainer import Trainer
+from .errors import DataPathError
+from .networks import CONFIGS
+from .training import train as train_from_config
 
 
-def train(
-    config: GPTConfig,
-    train_data: str | list[str],
-    *,
-    max_steps: int = 1000,
-    batch_size: int = 32,
-    lr: float = 6e-4,
-    warmup_steps: int = 100,
-    out_dir: str = "logs/api",
-    tokenizer_path: str | None = None,
-    text_key: str = "text",
-    val_fraction: float = 0.05,
-    seed: int = 1337,
-    **trainer_kwargs: Any,
-) -> GPTModule:
-    """Train a GPT on text files / folders / JSONL. The tokenizer is trained with
-    `config.vocab_size` tokens (or loaded from `tokenizer_path`), windows are `config.max_length`
-    long. Checkpoints and TensorBoard logs go to `out_dir`. Extra keywords go to `lightning.Trainer`
-    (e.g. `accelerator="gpu", precision="bf16-mixed"`). Returns the trained module."""
-    L.seed_everything(seed, workers=True)
-    datamodule = TextDataModule(
-        paths=train_data,
-        block_size=config.max_length,
-        batch_size=batch_size,
-        tokenizer={"vocab_size": config.vocab_size, "path": tokenizer_path},
-        text_key=text_key,
-        val_fraction=val_fraction,
-        cache_dir=str(Path(out_dir) / "cache"),
-        seed=seed,
-    )
-    module = GPTModule(
-        net=config.to_dict(),
-        optimizer={"lr": lr},
-        scheduler={"warmup_steps": warmup_steps},
-    )
-    trainer_kwargs = {
-        "max_steps": max_steps,
-        "val_check_interval": min(250, max_steps),
-        "check_val_every_n_epoch": None,
-        "gradient_clip_val": 1.0,
-        "log_every_n_steps": 10,
-        **trainer_kwargs,
-    }
-    trainer = Trainer(  # atomic checkpoints (trainer.py)
-        logger=TensorBoardLogger(out_dir, name="tensorboard", default_hp_metric=False),
-        callbacks=[
-            ModelCheckpoint(dirpath=str(Path(out_dir) / "checkpoints"), monitor="val/loss", save_last=True),
-            Throughput(log_every_n_steps=trainer_kwargs["log_every_n_steps"]),
-            Preemption(),
-            NonFiniteLoss(),
-        ],
-        **trainer_kwargs,
-    )
-    trainer.fit(module, datamodule=datamodule)
-    return module
+def compose_train_config(train_data: str | list[str], *overrides: str, out_dir: str = "logs/api") -> DictConfig:
+    """configs/train.yaml with data=text on `train_data` (files, folders, JSONL), then `overrides`.
+    Logs, checkpoints and the token cache go under `out_dir`."""
+    if not (CONFIGS / "train.yaml").is_file():
+        raise DataPathError(f"{CONFIGS}/train.yaml not found: the package must be used from its project folder")
+    paths = [train_data] if isinstance(train_data, str) else list(train_data)
+    out = Path(out_dir).resolve()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3", job_name="api"):
+        cfg = compose(
+            "train",
+            overrides=["data=text", "data.paths=[" + ",".join(f"'{p}'" for p in paths) + "]", *overrides],
+            return_hydra_config=True,
+        )
+    GlobalHydra.instance().clear()
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(Path.cwd())
+        cfg.paths.data_dir = str(out / "data")
+        cfg.paths.log_dir = str(out)
+        cfg.paths.output_dir = str(out)
+        cfg.hydra.runtime.output_dir = str(out)
+        cfg.hydra.runtime.cwd = str(Path.cwd())
+    HydraConfig().set_config(cfg)  # resolves ${hydra:...} in the config as train.py would
+    return cfg
+
+
+def train(train_data: str | list[str], *overrides: str, out_dir: str = "logs/api") -> dict[str, float]:
+    """Train as `python train.py data=text data.paths=[...] <overrides>` does; returns the last
+    logged metrics (val/loss, ...). Checkpoints land in `<out_dir>/checkpoints/`."""
+    return train_from_config(compose_train_config(train_data, *overrides, out_dir=out_dir))

@@ -265,6 +265,20 @@ def is_deepspeed_folder(path: Path) -> bool:
     return path.is_dir() and (path / "checkpoint").is_dir()
 
 
+def save_atomically(obj: Any, out: str | Path) -> Path:
+    """torch.save to a temporary file beside `out`, then rename: never half a checkpoint. (Not
+    mkstemp: its files are private, 0600, unlike the checkpoints Lightning writes.)"""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
 def consolidate(src: str | Path, dst: str | Path) -> Path:
     """Gather every shard of `src` into the single file `dst` (written atomically)."""
     src, dst = Path(src), Path(dst)

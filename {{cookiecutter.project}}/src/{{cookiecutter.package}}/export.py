@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig
 
 from .errors import ConfigError
-from .generation import load_gpt_checkpoint
+from .generation import load_network_checkpoint
 from .models.gpt import GPT, GPTConfig
 
 FORMATS = ("safetensors", "onnx")
@@ -90,7 +90,7 @@ def run(cfg: DictConfig) -> list[Path]:
     fmt = cfg.export.format
     if fmt not in FORMATS:
         raise ConfigError(f"export.format={fmt!r}: expected one of {list(FORMATS)}")
-    model, tokenizer = load_gpt_checkpoint(cfg.ckpt_path)
+    model, tokenizer = load_network_checkpoint(cfg.ckpt_path)
     model.eval()
     if any(type(p) is not torch.nn.Parameter for p in model.parameters()):
         raise ConfigError(f"ckpt_path: {cfg.ckpt_path} is quantized; export the float checkpoint it came from")

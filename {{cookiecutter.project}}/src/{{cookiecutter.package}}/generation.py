@@ -1,5 +1,7 @@
-"""Autoregressive sampling from a GPT (temperature, top-k, nucleus top-p) through its KV cache, and
-loading one from a checkpoint (train.py's or quantize.py's)."""
+"""Autoregressive sampling from a causal language model (temperature, top-k, nucleus top-p) through
+its KV cache when it offers one, and loading one from a checkpoint (train.py's, quantize.py's or an
+HF import). Uses only the causal-LM protocol (networks.CausalLM): `net(idx)` gives the logits,
+`net.config.vocab_size` / `max_length` bound what is sampled and read."""
 
 import sys
 import weakref
@@ -15,7 +17,7 @@ from torch import nn
 from .checkpoints import load_net, read_checkpoint
 from .data.tokenizer import decode_utf8, eot_id
 from .errors import ConfigError, DataFormatError, DataPathError
-from .models.gpt import GPT, GPTConfig
+from .networks import CausalLM, build_causal_lm
 
 
 def check_sampling(temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None) -> None:
@@ -153,7 +155,7 @@ def check_prompt(idx: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tenso
 
 @torch.no_grad()
 def generate(
-    model: nn.Module,
+    model: CausalLM,
     idx: torch.Tensor,
     max_new_tokens: int,
     temperature: float = 1.0,
@@ -238,7 +240,7 @@ def generate_batch(
 
 
 def complete(
-    model: nn.Module,
+    model: CausalLM,
     tokenizer: Tokenizer,
     prompt: str,
     max_new_tokens: int,
@@ -265,10 +267,12 @@ def complete(
     return texts if num_samples is not None else texts[0]
 
 
-def load_gpt_checkpoint(ckpt_path: str, key: str = "ckpt_path") -> tuple[GPT, Tokenizer]:
-    """The GPT `net` of a checkpoint train.py wrote (a GPT run, or a distillation run, whose `net` is
-    the student) and the tokenizer saved in it, on the CPU in train mode. `key` is the config key
-    that named the file, for the error messages."""
+def load_network_checkpoint(ckpt_path: str, key: str = "ckpt_path") -> tuple[CausalLM, Tokenizer]:
+    """The network `net` of a checkpoint train.py wrote (a GPT run, or a distillation run, whose
+    `net` is the student), quantize.py wrote or `python -m <package>.hf import` wrote, and the
+    tokenizer saved in it, on the CPU in train mode. `key` is the config key that named the file,
+    for the error messages. Under a meta-device context (a module counting FLOPs before it builds)
+    no weights are copied."""
     checkpoint = read_checkpoint(ckpt_path, key)
     if checkpoint is None:
         raise DataPathError(
@@ -281,11 +285,16 @@ def load_gpt_checkpoint(ckpt_path: str, key: str = "ckpt_path") -> tuple[GPT, To
     if tokenizer_json is None:
         raise ConfigError(f"{key}: checkpoint {ckpt_path} holds no tokenizer: was it written by train.py on text data?")
     hparams = checkpoint.get("hyper_parameters", {})
-    if not isinstance(hparams.get("net"), dict):
-        raise ConfigError(f"{key}: checkpoint {ckpt_path} holds no GPT (hyper_parameters has {sorted(hparams)})")
+    if not isinstance(hparams.get("net"), dict) or "_target_" not in hparams["net"]:
+        raise ConfigError(
+            f"{key}: checkpoint {ckpt_path} holds no network node with a _target_ (hyper_parameters has "
+            f"{sorted(hparams)}): was it written by train.py of this project?"
+        )
     if "image_model" in hparams["net"]:
         raise ConfigError(f"{key}: checkpoint {ckpt_path} holds a CLIP model, not a GPT: use the pipeline for it")
-    model = load_net(GPT(GPTConfig.from_dict(hparams["net"])), checkpoint)
+    model = build_causal_lm(hparams["net"], f"{key}={ckpt_path}: hyper_parameters.net")
+    if not any(p.is_meta for p in model.parameters()):
+        load_net(model, checkpoint)
     tokenizer = Tokenizer.from_str(tokenizer_json)
     if tokenizer.get_vocab_size() > model.config.vocab_size:
         raise ConfigError(
@@ -295,9 +304,16 @@ def load_gpt_checkpoint(ckpt_path: str, key: str = "ckpt_path") -> tuple[GPT, To
     return model, tokenizer
 
 
-def load_checkpoint_for_generation(ckpt_path: str, device: str = "cpu") -> tuple[GPT, Tokenizer]:
-    """The GPT (the student, for a distillation checkpoint) and its tokenizer, ready to sample."""
-    model, tokenizer = load_gpt_checkpoint(ckpt_path)
+def pretrained(ckpt_path: str) -> CausalLM:
+    """The network of a checkpoint, weights included: the `_target_` of configs/model/net/pretrained.yaml,
+    to fine-tune a trained or imported model. A checkpoint of that run rebuilds the network from
+    `ckpt_path` again, then loads its own weights over it: keep the file where it is."""
+    return load_network_checkpoint(ckpt_path, key="model.net.ckpt_path")[0]
+
+
+def load_checkpoint_for_generation(ckpt_path: str, device: str = "cpu") -> tuple[CausalLM, Tokenizer]:
+    """The network (the student, for a distillation checkpoint) and its tokenizer, ready to sample."""
+    model, tokenizer = load_network_checkpoint(ckpt_path)
     return model.to(device).eval(), tokenizer
 
 

@@ -1,7 +1,7 @@
 """Sharding and compilation applied to plain networks, chosen in configs/trainer/, never in a module.
 
 A network names the submodule classes that are its natural units of work in a class attribute,
-`shard_units` (the GPT names its transformer `Block`). From that alone:
+`shard_units` (the GPT names its transformer `Block`; networks.py, the protocol). From that alone:
 - `compile_units` compiles each unit's forward with torch.compile (what the module's `compile`
   switch does on any strategy: per unit, so FSDP's hooks stay outside the compiled graphs);
 - `FSDP2Strategy` shards each unit, then each network root, with FSDP2's `fully_shard` over the
@@ -17,6 +17,8 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
+from .networks import compile_units, units_of  # noqa: F401  (compile_units: the protocol's, re-exported)
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, None: None}
 
 
@@ -27,21 +29,6 @@ def shardable_networks(root: nn.Module) -> list[nn.Module]:
         if getattr(module, "shard_units", None) and not any(module in set(n.modules()) for n in found):
             found.append(module)
     return found
-
-
-def units_of(network: nn.Module) -> list[nn.Module]:
-    types = tuple(network.shard_units)
-    return [m for m in network.modules() if isinstance(m, types)]
-
-
-def compile_units(network: nn.Module, **compile_kwargs: Any) -> None:
-    """torch.compile each unit's forward, and each method named in the network's `compile_methods`,
-    in place: parameter names (and checkpoints) do not change, and FSDP's per-unit hooks stay
-    outside the compiled graphs."""
-    for unit in units_of(network):
-        unit.forward = torch.compile(unit.forward, **compile_kwargs)
-    for name in getattr(network, "compile_methods", ()):
-        setattr(network, name, torch.compile(getattr(network, name), **compile_kwargs))
 
 
 def fsdp2_shard(

@@ -19,7 +19,8 @@ from tokenizers import Tokenizer
 from .checkpoints import load_net, read_checkpoint
 from .data.image_text import image_transform, load_rgb, tokenize_captions
 from .errors import ConfigError, DataPathError
-from .models.clip import CLIP, CLIPConfig
+from .models.clip import CLIP
+from .networks import build
 
 
 def _as_list(x: Any) -> list[Any]:
@@ -57,8 +58,8 @@ class MultiModalPipeline:
                 f"{path} is not a CLIP checkpoint with its data settings (train.py model=clip writes one)"
             )
         # The image tower's initial weights are in the state dict: do not look for the original file.
-        config = CLIPConfig.from_dict({**hparams["net"], "image_checkpoint": None})
-        net = load_net(CLIP(config), ckpt)
+        net: CLIP = build({**hparams["net"], "image_checkpoint": None}, f"{path}: hyper_parameters.net")
+        load_net(net, ckpt)  # train.py's weights, or quantize.py's int8 ones
         return cls(
             net,
             Tokenizer.from_str(data["tokenizer"]),

@@ -5,14 +5,15 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from ..generation import complete
-from ..models.gpt import GPT
+from ..networks import CausalLM
 
 
 class TextSamples(L.Callback):
     """Every rank generates (sharded weights need all ranks in each forward); rank 0 logs.
 
-    Needs `trainer.datamodule.tokenizer` and a module whose `net` is a GPT (the GPT and distillation
-    modules). The seed is fixed, so successive samples show what training changed, not sampling noise.
+    Needs `trainer.datamodule.tokenizer` and a module whose `net` follows the causal-LM protocol
+    (networks.CausalLM: the GPT and distillation modules, whatever their network). The seed is
+    fixed, so successive samples show what training changed, not sampling noise.
     """
 
     def __init__(
@@ -27,8 +28,8 @@ class TextSamples(L.Callback):
         self.max_new_tokens, self.temperature, self.top_k, self.seed = max_new_tokens, temperature, top_k, seed
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or not isinstance(getattr(pl_module, "net", None), GPT):
-            return  # only modules whose network is a GPT generate text (not CLIP)
+        if trainer.sanity_checking or not isinstance(getattr(pl_module, "net", None), CausalLM):
+            return  # only modules whose network is a language model generate text (not CLIP)
         tokenizer = trainer.datamodule.tokenizer
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         texts = []

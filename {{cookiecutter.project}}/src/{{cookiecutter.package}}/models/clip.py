@@ -6,8 +6,7 @@ torch, and timm for the image tower (any timm architecture, built without a clas
 Weights come from a local checkpoint file or from a random initialisation, never from a hub.
 """
 
-import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -22,29 +21,31 @@ from .transformer import Block, Embedding, Linear
 
 @dataclass
 class CLIPConfig:
+    """The CLIP's architecture, validated. No defaults here: the presets are configs/model/clip_net/*.yaml."""
+
     # Image tower: any timm model name; `image_kwargs` go to timm.create_model (e.g. img_size,
-    # patch_size, depth for a small ViT). `image_checkpoint`: a local .pth/.safetensors file.
-    image_model: str = "vit_base_patch16_224"
-    image_kwargs: dict[str, Any] = field(default_factory=dict)
-    image_checkpoint: str | None = None
+    # patch_size, depth for a small ViT). `image_checkpoint`: a local .pth/.safetensors file, or None.
+    image_model: str
+    image_kwargs: dict[str, Any]
+    image_checkpoint: str | None
     # Text tower: pre-LN transformer blocks shared with the GPT, pooled at the end-of-text token.
-    vocab_size: int = 32768  # the tokenizer's size; the embedding is padded to a multiple of 64
-    context_length: int = 77  # caption tokens, EOT included
-    eot_id: int = 0  # the end-of-text token id: trained tokenizers give it id 0
-    text_layers: int = 12
-    text_width: int = 512
-    text_heads: int = 8
+    vocab_size: int  # the tokenizer's size; the embedding is padded to a multiple of 64
+    context_length: int  # caption tokens, EOT included
+    eot_id: int  # the end-of-text token id: trained tokenizers give it id 0
+    text_layers: int
+    text_width: int
+    text_heads: int
     # Causal attention (as OpenAI's CLIP): the first EOT sees exactly the caption, never the padding
     # after it, so no padding mask is needed. False: bidirectional with a key-padding mask.
-    text_causal: bool = True
-    dropout: float = 0.0
-    bias: bool = True
+    text_causal: bool
+    dropout: float
+    bias: bool
     # Shared embedding.
-    embed_dim: int = 512
-    logit_scale_init: float = math.log(1 / 0.07)  # temperature 0.07 (Radford et al. 2021)
-    logit_scale_max: float = math.log(100)  # the scale is clamped here: larger makes training unstable
-    logit_bias_init: float | None = None  # a learnable logit bias, needed by the sigmoid loss (SigLIP: -10)
-    gradient_checkpointing: bool = False
+    embed_dim: int
+    logit_scale_init: float  # log(1 / 0.07): temperature 0.07 (Radford et al. 2021)
+    logit_scale_max: float  # log(100): the scale is clamped here, larger makes training unstable
+    logit_bias_init: float | None  # a learnable logit bias, needed by the sigmoid loss (SigLIP: -10)
+    gradient_checkpointing: bool
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "context_length", "text_layers", "text_width", "text_heads", "embed_dim"):
@@ -81,12 +82,6 @@ class CLIPConfig:
         return -(-self.vocab_size // 64) * 64  # tensor-core friendly, as in the GPT
 
     @classmethod
-    def from_name(cls, name: str, **overrides: Any) -> "CLIPConfig":
-        if name not in CLIP_PRESETS:
-            raise ValueError(f"unknown CLIP preset {name!r}; choose one of {sorted(CLIP_PRESETS)}")
-        return cls(**{**CLIP_PRESETS[name], **overrides})
-
-    @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "CLIPConfig":
         """Build from a plain dict (a Hydra node, saved hparams); unknown keys are an error."""
         known = {f.name for f in fields(cls)}
@@ -97,30 +92,6 @@ class CLIPConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-# A small ResNet through timm's own ResNet class: the arguments override resnet18's depth and widths.
-# On small synthetic images it learns much faster than a ViT of the same cost (no attention to learn
-# before shapes and positions can be read), which matters for a demo that trains on a laptop CPU.
-CLIP_PRESETS: dict[str, dict[str, Any]] = {
-    # Trains in seconds on a CPU on 32 px images; every test uses it.
-    "tiny": dict(
-        image_model="resnet18",
-        image_kwargs=dict(layers=[1, 1, 1, 1], channels=[16, 16, 32, 32], stem_width=16),
-        vocab_size=512, context_length=16, text_layers=2, text_width=64, text_heads=2, embed_dim=32,
-    ),
-    # The `shapes` demo: 64 px images, minutes on a laptop CPU (docs/clip.md).
-    "shapes": dict(
-        image_model="resnet18",
-        image_kwargs=dict(layers=[1, 1, 1, 1], channels=[32, 64, 96, 128], stem_width=32),
-        vocab_size=512, context_length=16, text_layers=2, text_width=128, text_heads=4, embed_dim=64,
-    ),
-    # OpenAI CLIP ViT-B/16 sizes: 86M image + 38M text parameters (vocabulary 49408 in the paper).
-    "vit-b-16": dict(
-        image_model="vit_base_patch16_224",
-        vocab_size=49408, context_length=77, text_layers=12, text_width=512, text_heads=8, embed_dim=512,
-    ),
-}  # fmt: skip
 
 
 class CLIPOutput(NamedTuple):
@@ -194,9 +165,12 @@ class TextTower(nn.Module):
 
 
 class CLIP(nn.Module):
-    def __init__(self, config: CLIPConfig) -> None:
+    """Built from its config fields as keyword arguments, as the `_target_` nodes of
+    configs/model/clip_net/ build it; unknown or invalid fields are a ValueError naming them."""
+
+    def __init__(self, **fields: Any) -> None:
         super().__init__()
-        self.config = config
+        self.config = config = CLIPConfig.from_dict(fields)
         self.image_tower = build_image_tower(config)
         if config.gradient_checkpointing:
             self.image_tower.set_grad_checkpointing(True)

@@ -3,7 +3,7 @@
 Imports only torch. Training, sharding and precision live elsewhere (modules/, parallel.py, configs/).
 """
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -16,19 +16,21 @@ from .transformer import Block, Embedding, KVCache, Linear
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 2048  # the tokenizer's size; the embedding is padded (padded_vocab_size)
-    max_length: int = 128  # block size: the longest sequence the position table covers
-    num_layers: int = 4
-    d_model: int = 128
-    num_heads: int = 4
-    dropout: float = 0.0
-    bias: bool = False  # no biases in Linear/LayerNorm: a bit faster, no worse (nanoGPT's finding)
-    gradient_checkpointing: bool = False  # recompute each block in backward: less memory, ~30% more compute
+    """The GPT's architecture, validated. No defaults here: the presets are configs/model/net/*.yaml."""
+
+    vocab_size: int  # the tokenizer's size; the embedding is padded (padded_vocab_size)
+    max_length: int  # block size: the longest sequence the position table covers
+    num_layers: int
+    d_model: int
+    num_heads: int
+    dropout: float
+    bias: bool  # false: no biases in Linear/LayerNorm, a bit faster, no worse (nanoGPT); GPT-2 has them
+    gradient_checkpointing: bool  # recompute each block in backward: less memory, ~30% more compute
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "max_length", "num_layers", "d_model", "num_heads"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
         if self.d_model % self.num_heads:
             raise ValueError(f"GPTConfig.d_model={self.d_model} must be divisible by num_heads={self.num_heads}")
@@ -44,45 +46,37 @@ class GPTConfig:
     def head_dim(self) -> int:
         return self.d_model // self.num_heads
 
-    @classmethod
-    def from_name(cls, name: str, **overrides: Any) -> "GPTConfig":
-        if name not in GPT_PRESETS:
-            raise ValueError(f"unknown GPT preset {name!r}; choose one of {sorted(GPT_PRESETS)}")
-        return cls(**{**GPT_PRESETS[name], **overrides})
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "GPTConfig":
-        """Build from a plain dict (a Hydra node, saved hparams); unknown keys are an error."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown GPTConfig keys {unknown}; expected some of {sorted(known)}")
-        return cls(**values)
-
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-GPT_PRESETS: dict[str, dict[str, Any]] = {
-    # Trains in seconds on a laptop CPU; every test uses it.
-    "tiny": dict(vocab_size=2048, max_length=128, num_layers=4, d_model=128, num_heads=4),
-    # GPT-2 sizes (Radford et al. 2019); 50257 is GPT-2's vocabulary, padded to 50304.
-    "gpt2-124m": dict(vocab_size=50257, max_length=1024, num_layers=12, d_model=768, num_heads=12),
-    "gpt2-350m": dict(vocab_size=50257, max_length=1024, num_layers=24, d_model=1024, num_heads=16),
-    "gpt2-774m": dict(vocab_size=50257, max_length=1024, num_layers=36, d_model=1280, num_heads=20),
-    "gpt2-1.5b": dict(vocab_size=50257, max_length=1024, num_layers=48, d_model=1600, num_heads=25),
-}
-
-
 class GPT(nn.Module):
+    """Follows the causal-LM protocol (networks.CausalLM). Built from its config fields as keyword
+    arguments, as a `_target_` node in configs/model/net/ builds it; a subclass adds its own
+    keywords and passes the rest on: `def __init__(self, *, window: int, **fields): super().__init__(**fields)`.
+    """
+
     # The units that sharding wraps and compilation compiles one by one, and the methods compiled
     # whole besides them (see parallel.py).
     shard_units = (Block,)
     compile_methods = ("head_loss",)
 
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(
+        self,
+        *,
+        vocab_size: int,
+        max_length: int,
+        num_layers: int,
+        d_model: int,
+        num_heads: int,
+        dropout: float,
+        bias: bool,
+        gradient_checkpointing: bool,
+    ) -> None:
         super().__init__()
-        self.config = config
+        self.config = config = GPTConfig(
+            vocab_size, max_length, num_layers, d_model, num_heads, dropout, bias, gradient_checkpointing
+        )
         # Every layer initialises itself as it is built (transformer.py), so the weights come out the
         # same whether the strategy builds them whole, partitioned (DeepSpeed ZeRO-3) or on meta.
         self.tok_emb = Embedding(config.padded_vocab_size, config.d_model)
@@ -101,6 +95,12 @@ class GPT(nn.Module):
         """Parameter count; the position table is left out by default (as in the scaling-law papers)."""
         n = sum(p.numel() for p in self.parameters())  # tied weights are counted once
         return n - self.pos_emb.weight.numel() if non_embedding else n
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token: 6N for the matmuls forward and backward, plus 12*L*d*T for the
+        attention scores (PaLM appendix B; N excludes the position table)."""
+        c = self.config
+        return 6 * self.num_params() + 12 * c.num_layers * c.d_model * seq_len
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, ignore_index: int = -100) -> torch.Tensor:
         """idx: (B, T) token ids -> logits (B, T, padded_vocab_size); with targets (B, T), the mean
@@ -122,8 +122,12 @@ class GPT(nn.Module):
 
     def head_loss(self, x: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """Final LayerNorm, output head and cross-entropy in one function, so torch.compile can fuse
-        them: the (B*T, V) logits then never exist in float32 in memory."""
+        them: the (B*T, V) logits then never exist in float32 in memory. The loss is Hugging Face's
+        GPT-2 loss on the same weights (the padding columns are left out)."""
         logits = self.lm_head(self.ln_f(x))  # (B, T, V_padded)
+        if self.config.padded_vocab_size != self.config.vocab_size:
+            # Over the real vocabulary only: the padding columns are no tokens, so they take no probability.
+            logits = logits[..., : self.config.vocab_size]  # (B, T, V)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

@@ -15,11 +15,9 @@ from torchmetrics import MeanMetric
 
 from ..errors import ConfigError
 from ..losses.contrastive import build_contrastive_loss
-from ..models.clip import CLIP, CLIPConfig, CLIPOutput
-from .optim import configure_adamw_cosine
-
-DEFAULT_OPTIMIZER = {"lr": 5e-4, "weight_decay": 0.2, "betas": (0.9, 0.98), "eps": 1e-6, "fused": None}
-DEFAULT_SCHEDULER = {"warmup_steps": 100, "min_lr_ratio": 0.0, "total_steps": None}
+from ..models.clip import CLIP, CLIPOutput
+from ..networks import build
+from .optim import configure_optimizers
 
 
 def _first_of_each(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,8 +79,9 @@ def retrieval_recall(
 class CLIPModule(L.LightningModule):
     """Hyperparameters are plain dicts, so checkpoints load with torch.load(weights_only=True).
 
-    net: CLIPConfig fields (configs/model/clip_net/*.yaml). loss: "infonce" or "sigmoid".
-    optimizer: AdamW settings. scheduler: warmup + cosine. compile: torch.compile the network.
+    net: the network's `_target_` node (configs/model/clip_net/*.yaml). loss: "infonce" or "sigmoid".
+    optimizer, scheduler: `_partial_` nodes (configs/model/optimizer/, configs/model/scheduler/).
+    compile: torch.compile the network.
     """
 
     work_unit = "samples"  # what the throughput callback counts
@@ -90,20 +89,19 @@ class CLIPModule(L.LightningModule):
     def __init__(
         self,
         net: dict[str, Any],
-        loss: str = "infonce",
-        optimizer: dict[str, Any] | None = None,
-        scheduler: dict[str, Any] | None = None,
-        compile: bool = False,
-        recall_at: Sequence[int] = (1, 5, 10),
+        loss: str,
+        optimizer: dict[str, Any],
+        scheduler: dict[str, Any],
+        compile: bool,
+        recall_at: Sequence[int],
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.config = CLIPConfig.from_dict(dict(net))
+        with torch.device("meta"):  # checked once, before anything is built for real
+            self.config = self._build(meta=True).config
         if loss == "sigmoid" and self.config.logit_bias_init is None:
             raise ConfigError("model.loss=sigmoid needs a learnable bias: set model.net.logit_bias_init=-10")
         self.loss_fn = build_contrastive_loss(loss)
-        self.optimizer_cfg = {**DEFAULT_OPTIMIZER, **(optimizer or {})}
-        self.scheduler_cfg = {**DEFAULT_SCHEDULER, **(scheduler or {})}
         self.recall_at = tuple(recall_at)
         self.net: CLIP | None = None
         self.val_loss = MeanMetric()
@@ -114,9 +112,14 @@ class CLIPModule(L.LightningModule):
         # Built here, not in __init__, so sharded strategies can create the weights already partitioned.
         if self.net is not None:
             return
-        self.net = CLIP(self.config)
+        self.net = self._build()
         if self.hparams.compile:
             self.net.compile()
+
+    def _build(self, meta: bool = False) -> CLIP:
+        """The network of `net`; `meta=True` (under a meta device) skips the image-tower weights file."""
+        node = {**self.hparams.net, "image_checkpoint": None} if meta else self.hparams.net
+        return build(node, "model.net")
 
     def setup(self, stage: str) -> None:
         # The text tower pools at config.eot_id: it must be the tokenizer's end-of-text id.
@@ -212,7 +215,9 @@ class CLIPModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         # trainer.model is what the strategy wrapped (DDP, FSDP): its parameters are the ones that train.
-        return configure_adamw_cosine(self, self.trainer.model.parameters(), self.optimizer_cfg, self.scheduler_cfg)
+        return configure_optimizers(
+            self, self.trainer.model.parameters(), self.hparams.optimizer, self.hparams.scheduler
+        )
 
     def count_work(self, batch: dict[str, Any]) -> tuple[int, float]:
         """(pairs in the batch, training FLOPs): 3x the forward FLOPs (backward costs two forwards),
@@ -222,7 +227,7 @@ class CLIPModule(L.LightningModule):
         if key not in self._flops:
             with torch.device("meta"):
                 # eval(): BatchNorm refuses a training-mode batch of one; the FLOPs are the same.
-                net = CLIP(CLIPConfig.from_dict({**self.config.to_dict(), "image_checkpoint": None})).eval()
+                net = self._build(meta=True).eval()
                 counter = FlopCounterMode(display=False)
                 with counter:
                     net(torch.empty(1, *images.shape[1:]), torch.zeros(1, tokens.shape[1], dtype=torch.long))

@@ -1,16 +1,17 @@
-"""LightningModule for knowledge distillation: a frozen teacher GPT trains a student GPT.
+"""LightningModule for knowledge distillation: a frozen teacher language model trains a student.
 
     L = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(student, labels)   (losses/distill.py)
 
-The student is `net`, as in GPTModule: the network this module trains, the one TextSamples
-samples from, the one every checkpoint holds under `net.*` with its config under
-hyper_parameters["net"]. A distillation checkpoint is therefore also a GPT checkpoint:
-generate.py, `eval.py model=gpt` and GPTModule.load_from_checkpoint read the student from it, and
-it can teach the next student.
+Both follow the causal-LM protocol (networks.CausalLM). The student is `net`, as in GPTModule:
+the network this module trains, the one TextSamples samples from, the one every checkpoint holds
+under `net.*` with its `_target_` node under hyper_parameters["net"]. A distillation checkpoint is
+therefore also a GPT checkpoint: generate.py, `eval.py model=gpt` and
+GPTModule.load_from_checkpoint read the student from it, and it can teach the next student.
 
-The teacher comes from `teacher.ckpt_path`, a checkpoint this project wrote (its architecture,
-weights and tokenizer come from the file), or, without one, from the preset `teacher.net`,
-randomly initialised (benchmarks, tests). It is frozen: requires_grad off, eval mode through every
+The teacher comes from `teacher.ckpt_path`, a checkpoint this project wrote or imported (its
+architecture, weights and tokenizer come from the file), from `teacher.hf`, a Hugging Face GPT-2
+folder converted as it loads (hf.py), or, without either, from the node `teacher.net`, randomly
+initialised (benchmarks, tests). It is frozen: requires_grad off, eval mode through every
 .train() call (dropout off), forward under no_grad. It is not part of this module's state_dict:
 checkpoints hold the student, the optimizer and the tokenizer, and loading one rebuilds the teacher
 from `teacher` (so the teacher checkpoint must still be where it was).
@@ -23,7 +24,6 @@ and perplexity, the same numbers a GPT run reports), val/teacher_loss, val/teach
 """
 
 import logging
-import os
 import re
 import warnings
 from pathlib import Path
@@ -35,36 +35,31 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
+from ..checkpoints import save_atomically
 from ..errors import ConfigError, DataPathError
-from ..generation import load_gpt_checkpoint
+from ..generation import load_network_checkpoint
 from ..losses.distill import KINDS, distillation_loss
-from ..models.gpt import GPT, GPTConfig
-from ..parallel import compile_units
-from .gpt import DEFAULT_OPTIMIZER, DEFAULT_SCHEDULER
-from .optim import configure_adamw_cosine
+from ..networks import CausalLM, build_causal_lm, compile_units
+from .optim import configure_optimizers
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # labels that count in no term (padding)
-DEFAULT_TEACHER: dict[str, Any] = {"ckpt_path": None, "net": None}
-DEFAULT_LOSS: dict[str, Any] = {"alpha": 0.7, "temperature": 1.0, "kind": "forward", "chunk_size": 1024}
+TEACHER_KEYS = ("ckpt_path", "hf", "net")
+LOSS_KEYS = ("alpha", "temperature", "kind", "chunk_size")
 # What a GPT checkpoint keeps of a distillation checkpoint: no optimizer, schedule, loop or callback state.
 TRAINING_STATE = ("optimizer_states", "lr_schedulers", "loops", "callbacks", "hparams_name")
 
 
-def _with_defaults(values: dict[str, Any] | None, defaults: dict[str, Any], key: str) -> dict[str, Any]:
-    values = dict(values or {})
-    unknown = sorted(set(values) - set(defaults))
-    if unknown:
-        raise ConfigError(f"unknown keys {[f'{key}.{k}' for k in unknown]}; expected some of {sorted(defaults)}")
-    return {**defaults, **values}
-
-
-def _gpt_config(values: dict[str, Any], key: str) -> GPTConfig:
-    try:
-        return GPTConfig.from_dict(dict(values))
-    except ValueError as e:
-        raise ConfigError(f"{key}: {e}") from None
+def _check_keys(values: dict[str, Any], expected: tuple[str, ...], key: str) -> dict[str, Any]:
+    """The node as configs/model/distill.yaml writes it: every key there, no other (no defaults here)."""
+    unknown, missing = sorted(set(values) - set(expected)), sorted(set(expected) - set(values))
+    if unknown or missing:
+        raise ConfigError(
+            f"{key} has unknown keys {[f'{key}.{k}' for k in unknown]} and lacks {[f'{key}.{k}' for k in missing]}; "
+            f"expected exactly {list(expected)}"
+        )
+    return dict(values)
 
 
 def _check_loss(loss: dict[str, Any]) -> None:
@@ -79,8 +74,9 @@ def _check_loss(loss: dict[str, Any]) -> None:
         raise ConfigError(f"model.loss.chunk_size must be a positive integer or null, got {chunk!r}")
 
 
-def check_compatible(teacher: GPTConfig, student: GPTConfig, teacher_source: str) -> None:
-    """Teacher and student must share the tokenizer (the same logit columns) and the context."""
+def check_compatible(teacher: Any, student: Any, teacher_source: str) -> None:
+    """Teacher and student configs (vocab_size, max_length) must share the tokenizer (the same logit
+    columns) and the context."""
     if teacher.vocab_size != student.vocab_size:
         raise ConfigError(
             f"the teacher ({teacher_source}) has vocab_size={teacher.vocab_size} but the student "
@@ -118,8 +114,9 @@ def _strict_but_for_the_teacher(module: torch.nn.Module, incompatible: Any) -> N
 class DistillModule(L.LightningModule):
     """Hyperparameters are plain dicts, so checkpoints load with torch.load(weights_only=True).
 
-    net: the student's GPTConfig fields (configs/model/net/*.yaml).
-    teacher: {ckpt_path: a .ckpt train.py wrote, or null; net: GPTConfig fields, used without ckpt_path}.
+    net: the student's `_target_` node (configs/model/net/*.yaml).
+    teacher: {ckpt_path: a .ckpt train.py or hf.py wrote, or null; hf: a Hugging Face GPT-2 folder, or
+        null; net: a `_target_` node, used (randomly initialised) when both are null}.
     loss: {alpha: weight of the KL term, temperature, kind: forward | reverse KL, chunk_size: tokens
         per chunk of the loss (memory), or null}. optimizer, scheduler, compile: as in GPTModule.
     """
@@ -130,34 +127,35 @@ class DistillModule(L.LightningModule):
         self,
         net: dict[str, Any],
         teacher: dict[str, Any],
-        loss: dict[str, Any] | None = None,
-        optimizer: dict[str, Any] | None = None,
-        scheduler: dict[str, Any] | None = None,
-        compile: bool = False,
+        loss: dict[str, Any],
+        optimizer: dict[str, Any],
+        scheduler: dict[str, Any],
+        compile: bool,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.config = _gpt_config(net, "model.net")
-        self.teacher_spec = _with_defaults(teacher, DEFAULT_TEACHER, "model.teacher")
-        self.loss_cfg = _with_defaults(loss, DEFAULT_LOSS, "model.loss")
+        with torch.device("meta"):  # checked and counted once, before any strategy shards the weights
+            student = build_causal_lm(net, "model.net")
+        self.config = student.config
+        self.flops_per_token = student.flops_per_token
+        self.teacher_spec = _check_keys(teacher, TEACHER_KEYS, "model.teacher")
+        self.loss_cfg = _check_keys(loss, LOSS_KEYS, "model.loss")
         _check_loss(self.loss_cfg)
-        self.optimizer_cfg = {**DEFAULT_OPTIMIZER, **(optimizer or {})}
-        self.scheduler_cfg = {**DEFAULT_SCHEDULER, **(scheduler or {})}
-        if self.teacher_spec["ckpt_path"] is None:
+        if self.teacher_spec["ckpt_path"] is not None and self.teacher_spec["hf"] is not None:
+            raise ConfigError("model.teacher: set ckpt_path or hf, not both (each brings its own weights)")
+        if self.teacher_spec["ckpt_path"] is None and self.teacher_spec["hf"] is None:
             if self.teacher_spec["net"] is None:
                 raise ConfigError(
-                    "model.teacher: set ckpt_path (a checkpoint train.py wrote) or net (a preset, randomly initialised)"
+                    "model.teacher: set ckpt_path (a checkpoint train.py wrote), hf (a Hugging Face GPT-2 folder) "
+                    "or net (a preset, randomly initialised)"
                 )
             # A preset teacher is known now: check it before anything runs. A checkpoint is read in configure_model.
-            check_compatible(
-                _gpt_config(self.teacher_spec["net"], "model.teacher.net"), self.config, "model.teacher.net"
-            )
-        self.net: GPT | None = None  # the student
-        self.teacher: GPT | None = None
-        self.teacher_vocab: dict[str, int] | None = None  # the teacher's tokenizer, when it came from a checkpoint
-        with torch.device("meta"):  # counted once, before any strategy shards or partitions the weights
-            self.num_params = GPT(self.config).num_params()
-        self.teacher_num_params = 0
+            with torch.device("meta"):
+                preset = build_causal_lm(self.teacher_spec["net"], "model.teacher.net")
+            check_compatible(preset.config, self.config, "model.teacher.net")
+        self.net: CausalLM | None = None  # the student
+        self.teacher: CausalLM | None = None
+        self.teacher_vocab: dict[str, int] | None = None  # the teacher's tokenizer, when it came from a file
         self.val_loss, self.val_teacher_loss, self.val_kl = MeanMetric(), MeanMetric(), MeanMetric()
         self.register_state_dict_post_hook(_drop_teacher_weights)
         self.register_load_state_dict_post_hook(_strict_but_for_the_teacher)
@@ -173,33 +171,32 @@ class DistillModule(L.LightningModule):
             return
         teacher = self._build_teacher()
         teacher.requires_grad_(False)
-        self.teacher_num_params = teacher.num_params()
         self.teacher = teacher.eval()
-        self.net = GPT(self.config)
+        self.net = build_causal_lm(self.hparams.net, "model.net")
         if self.hparams.compile:
             compile_units(self.net)
             compile_units(self.teacher)
         self._check_tokenizer()
 
-    def _build_teacher(self) -> GPT:
-        path = self.teacher_spec["ckpt_path"]
-        if path is None:
+    def _build_teacher(self) -> CausalLM:
+        path, hf_dir = self.teacher_spec["ckpt_path"], self.teacher_spec["hf"]
+        if path is None and hf_dir is None:
             rank_zero_warn(
                 "model.teacher.ckpt_path is not set: the teacher is a randomly initialised model.teacher.net "
                 "(fine for benchmarks and tests; a real run distils a trained teacher)"
             )
-            return GPT(GPTConfig.from_dict(dict(self.teacher_spec["net"])))
-        teacher, tokenizer = load_gpt_checkpoint(path, key="model.teacher.ckpt_path")
-        check_compatible(teacher.config, self.config, f"model.teacher.ckpt_path={path}")
+            return build_causal_lm(self.teacher_spec["net"], "model.teacher.net")
+        if path is not None:
+            source = f"model.teacher.ckpt_path={path}"
+            teacher, tokenizer = load_network_checkpoint(path, key="model.teacher.ckpt_path")
+        else:
+            from ..hf import load_pretrained  # transformers' format; safetensors only when used
+
+            source = f"model.teacher.hf={hf_dir}"
+            teacher, tokenizer = load_pretrained(hf_dir, key="model.teacher.hf")
+        check_compatible(teacher.config, self.config, source)
         self.teacher_vocab = tokenizer.get_vocab()
-        c = teacher.config
-        log.info(
-            "teacher: %s (%d layers, d_model %d, %.2fM parameters)",
-            path,
-            c.num_layers,
-            c.d_model,
-            teacher.num_params() / 1e6,
-        )
+        log.info("teacher: %s (%s, %.2fM parameters)", source, type(teacher).__name__, teacher.num_params() / 1e6)
         return teacher
 
     def _check_tokenizer(self) -> None:
@@ -270,8 +267,10 @@ class DistillModule(L.LightningModule):
         x, y = batch
         out, teacher_logits = self._losses(x, y)
         n = int((y != IGNORE_INDEX).sum())
-        # The teacher's CE exactly as GPT.loss computes it, so val/teacher_loss is its own run's val/loss.
-        teacher_ce = F.cross_entropy(teacher_logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE_INDEX)
+        # The teacher's CE as the protocol's loss computes it (over the real vocabulary), so
+        # val/teacher_loss is its own run's val/loss.
+        logits = teacher_logits[..., : self.config.vocab_size].flatten(0, 1).float()  # (B*T, V)
+        teacher_ce = F.cross_entropy(logits, y.flatten(), ignore_index=IGNORE_INDEX)
         self.val_loss.update(out["ce"], weight=n)
         self.val_kl.update(out["kl"], weight=n)
         self.val_teacher_loss.update(teacher_ce, weight=n)
@@ -291,17 +290,15 @@ class DistillModule(L.LightningModule):
         # trainer.model is what the strategy wrapped; the frozen teacher's parameters are filtered out
         # (requires_grad is off), so only the student's reach AdamW.
         params = [p for p in self.trainer.model.parameters() if p.requires_grad]
-        return configure_adamw_cosine(self, params, self.optimizer_cfg, self.scheduler_cfg)
+        return configure_optimizers(self, params, self.hparams.optimizer, self.hparams.scheduler)
 
     def count_work(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[int, float]:
-        """(tokens, FLOPs): the student's training FLOPs (6N + 12*L*d*T per token, as GPTModule) plus
-        the teacher's forward (2N + 4*L*d*T per token), which runs every step too."""
+        """(tokens, FLOPs): the student's training FLOPs plus the teacher's forward, which runs every
+        step too: a third of its training FLOPs (forward 1x, backward 2x)."""
         x, _ = batch
-        s, T = self.config, x.shape[1]
-        per_token = 6 * self.num_params + 12 * s.num_layers * s.d_model * T
+        per_token = self.flops_per_token(x.shape[1])
         if self.teacher is not None:
-            t = self.teacher.config
-            per_token += 2 * self.teacher_num_params + 4 * t.num_layers * t.d_model * T
+            per_token += self.teacher.flops_per_token(x.shape[1]) / 3
         return x.numel(), float(per_token * x.numel())
 
     # ----- the result -------------------------------------------------------------------------------
@@ -335,12 +332,4 @@ def export_student(ckpt_path: str | Path, out_path: str | Path) -> Path:
     out["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
     out["hyper_parameters"] = {k: hparams[k] for k in ("net", "optimizer", "scheduler", "compile") if k in hparams}
     out["distilled_from"] = {"teacher": hparams["teacher"], "loss": hparams.get("loss")}
-    out_path = Path(out_path)
-    # Written beside the target, then renamed: never half a file. (Not mkstemp: its files are private, 0600.)
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(out, tmp)
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out_path
+    return save_atomically(out, out_path)

@@ -1,4 +1,5 @@
-"""LightningModule for next-token language modelling with the GPT in models/gpt.py."""
+"""LightningModule for next-token language modelling with any network that follows the causal-LM
+protocol (networks.CausalLM): the GPT in models/gpt.py, or a class of yours chosen by model/net=."""
 
 from typing import Any
 
@@ -6,21 +7,19 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
-from ..models.gpt import GPT, GPTConfig
-from ..parallel import compile_units
-from .optim import configure_adamw_cosine
-
-DEFAULT_OPTIMIZER = {"lr": 6e-4, "weight_decay": 0.1, "betas": (0.9, 0.95), "eps": 1e-8, "fused": False}
-DEFAULT_SCHEDULER = {"warmup_steps": 100, "min_lr_ratio": 0.1, "total_steps": None}
+from ..networks import CausalLM, build_causal_lm, compile_units
+from .optim import configure_optimizers
 
 
 class GPTModule(L.LightningModule):
-    """Hyperparameters are plain dicts, so checkpoints load with torch.load(weights_only=True).
+    """Hyperparameters are plain dicts, so checkpoints load with torch.load(weights_only=True) and
+    rebuild their network in a fresh process from the `_target_` node alone.
 
-    net: GPTConfig fields (configs/model/net/*.yaml). optimizer: AdamW settings. scheduler:
-    warmup + cosine. compile: torch.compile each transformer block (parallel.compile_units).
-    qat: quantization-aware training for a quantize.py method (int8_weight_only, int8_dynamic): the
-    Linear layers train through torchao's fake quantization (quantize.prepare_qat).
+    net: the network's `_target_` node (configs/model/net/*.yaml). optimizer, scheduler: `_partial_`
+    nodes (configs/model/optimizer/, configs/model/scheduler/). compile: torch.compile each of the
+    network's shard units (networks.compile_units). qat: quantization-aware training for a
+    quantize.py method (int8_weight_only, int8_dynamic): the Linear layers train through torchao's
+    fake quantization (quantize.prepare_qat).
     """
 
     work_unit = "tokens"  # what the throughput callback counts
@@ -28,26 +27,25 @@ class GPTModule(L.LightningModule):
     def __init__(
         self,
         net: dict[str, Any],
-        optimizer: dict[str, Any] | None = None,
-        scheduler: dict[str, Any] | None = None,
-        compile: bool = False,
+        optimizer: dict[str, Any],
+        scheduler: dict[str, Any],
+        compile: bool,
         qat: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.config = GPTConfig.from_dict(dict(net))
-        self.optimizer_cfg = {**DEFAULT_OPTIMIZER, **(optimizer or {})}
-        self.scheduler_cfg = {**DEFAULT_SCHEDULER, **(scheduler or {})}
-        self.net: GPT | None = None
-        with torch.device("meta"):  # counted once, before any strategy shards or partitions the weights
-            self.num_params = GPT(self.config).num_params()
+        self.net: CausalLM | None = None
+        with torch.device("meta"):  # checked and counted once, before any strategy shards the weights
+            meta = build_causal_lm(net, "model.net")
+        self.config = meta.config
+        self.flops_per_token = meta.flops_per_token
         self.val_loss = MeanMetric()
 
     def configure_model(self) -> None:
         # Built here, not in __init__, so sharded strategies can create the weights already partitioned.
         if self.net is not None:
             return
-        self.net = GPT(self.config)
+        self.net = build_causal_lm(self.hparams.net, "model.net")
         if self.hparams.qat:
             from ..quantize import prepare_qat  # torchao is imported only when QAT is asked for
 
@@ -81,12 +79,10 @@ class GPTModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         # trainer.model is what the strategy wrapped (DDP, FSDP): its parameters are the ones that train.
-        return configure_adamw_cosine(self, self.trainer.model.parameters(), self.optimizer_cfg, self.scheduler_cfg)
+        params = self.trainer.model.parameters()
+        return configure_optimizers(self, params, self.hparams.optimizer, self.hparams.scheduler)
 
     def count_work(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[int, float]:
-        """(tokens in the batch, training FLOPs): 6N per token for the matmuls forward and backward,
-        plus 12*L*d*T for attention scores (PaLM appendix B; N excludes the position table)."""
+        """(tokens in the batch, training FLOPs), from the network's flops_per_token."""
         x, _ = batch
-        c = self.config
-        flops_per_token = 6 * self.num_params + 12 * c.num_layers * c.d_model * x.shape[1]
-        return x.numel(), float(flops_per_token * x.numel())
+        return x.numel(), float(self.flops_per_token(x.shape[1]) * x.numel())

@@ -31,7 +31,8 @@ if str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
 
 from {{cookiecutter.package}}.generation import generate, load_network_checkpoint  # noqa: E402
-from {{cookiecutter.package}}.models.gpt import GPT, GPT_PRESETS, GPTConfig  # noqa: E402
+from {{cookiecutter.package}}.models.gpt import GPT  # noqa: E402
+from {{cookiecutter.package}}.networks import build_causal_lm, net_preset, net_presets  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 WEIGHTS = ("float", "int8_weight_only", "int8_dynamic", "float8_dynamic")  # float, or a quantize.py method
@@ -40,7 +41,14 @@ PATHS = ("no-cache", "cache", "compiled")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--net", default="tiny", choices=sorted(GPT_PRESETS), help="GPT preset (random weights)")
+    p.add_argument(
+        "--net",
+        default="tiny",
+        choices=net_presets(f"{GPT.__module__}.{GPT.__qualname__}"),
+        help="configs/model/net/ preset (random weights)",
+    )
+    p.add_argument("--vocab-size", type=int, default=50257, help="the random network's vocabulary (GPT-2's)")
+    p.add_argument("--max-length", type=int, default=1024, help="the random network's context")
     p.add_argument("--ckpt", default=None, help="a checkpoint to time instead (train.py's or quantize.py's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="the float weights' dtype")
@@ -73,7 +81,7 @@ def build(args: argparse.Namespace, weights: str) -> GPT:
         model, _ = load_network_checkpoint(args.ckpt, key="--ckpt")
     else:
         torch.manual_seed(0)
-        model = GPT(GPTConfig.from_name(args.net))
+        model = build_causal_lm(net_preset(args.net, vocab_size=args.vocab_size, max_length=args.max_length), "--net")
     model = model.to(args.device).eval()
     if all(type(p) is torch.nn.Parameter for p in model.parameters()):  # float: set the dtype
         model.to(DTYPES[args.dtype])

@@ -10,7 +10,7 @@ bf16 parameters in compute with fp32 master weights and fp32 gradient reduction 
 MixedPrecisionPolicy, no autocast), fused AdamW (decay on matrices, as the module's), no gradient
 clipping unless --clip, random tokens. Any number of GPUs on one node (one process per GPU).
 Rank 0 prints one table row: median step (CUDA events, read once after the timed steps), tokens/s
-per GPU, MFU (6N + 12 L d T FLOPs per token against the GPU's dense bf16 peak) and peak memory.
+per GPU, MFU (the network's flops_per_token against the GPU's dense bf16 peak) and peak memory.
 `--json` prints that row as JSON instead (benchmarks/scaling.py reads it).
 """
 
@@ -32,16 +32,22 @@ if str(SRC) not in sys.path:
 
 from {{cookiecutter.package}}.benchmark import median_step_ms  # noqa: E402
 from {{cookiecutter.package}}.callbacks.throughput import peak_flops  # noqa: E402
-from {{cookiecutter.package}}.models.gpt import GPT, GPT_PRESETS, GPTConfig  # noqa: E402
+from {{cookiecutter.package}}.models.gpt import GPT  # noqa: E402
+from {{cookiecutter.package}}.networks import build_causal_lm, net_preset, net_presets  # noqa: E402
 from {{cookiecutter.package}}.modules.optim import build_adamw  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--net", default="tiny", choices=sorted(GPT_PRESETS), help="GPT preset")
+    p.add_argument(
+        "--net",
+        default="tiny",
+        choices=net_presets(f"{GPT.__module__}.{GPT.__qualname__}"),
+        help="configs/model/net/ preset",
+    )
     p.add_argument("--batch", type=int, default=8, help="sequences per step per GPU")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
-    p.add_argument("--vocab-size", type=int, default=None, help="default: the preset's")
+    p.add_argument("--vocab-size", type=int, default=50257, help="GPT-2's by default")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
     p.add_argument("--compile", type=int, default=1, choices=[0, 1], help="compile each block (GPU only)")
     p.add_argument("--reshard", type=int, default=1, choices=[0, 1], help="reshard_after_forward of the blocks")
@@ -72,12 +78,12 @@ def main(argv: list[str] | None = None) -> dict:
     dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     mesh = init_device_mesh(device.type, (world,))
 
-    overrides = {"max_length": args.seq_len} | ({"vocab_size": args.vocab_size} if args.vocab_size else {})
-    config = GPTConfig.from_name(args.net, **overrides)
+    node = net_preset(args.net, vocab_size=args.vocab_size, max_length=args.seq_len)
     torch.manual_seed(0)
     with torch.device(device):
-        net = GPT(config)
-    num_params = net.num_params()
+        net = build_causal_lm(node, f"--net {args.net}")
+    config = net.config
+    flops_per_token = net.flops_per_token(args.seq_len)  # the protocol's count, before sharding
     if args.compile and cuda:
         for block in net.blocks:
             block.forward = torch.compile(block.forward)
@@ -115,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     dist.all_reduce(ms_all, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
     ms = float(ms_all)
     tokens = args.batch * args.seq_len
-    flops = (6 * num_params + 12 * config.num_layers * config.d_model * args.seq_len) * tokens
+    flops = flops_per_token * tokens
     peak = peak_flops(device, "bf16-mixed")
     row = {
         "run": "reference",

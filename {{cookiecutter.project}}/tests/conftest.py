@@ -209,6 +209,17 @@ def gpt_checkpoint(tmp_path_factory: pytest.TempPathFactory, data_dir: Path, cor
     return out / "out" / "checkpoints" / "last.ckpt"
 {%- endif %}
 
+{%- if cookiecutter.gpt %}
+
+
+def tiny_gpt(**values: Any) -> Any:
+    """The tiny preset (configs/model/net/tiny.yaml) built by its `_target_`: vocabulary 2048 and
+    context 128 unless given, any other field replaced by `values`."""
+    from {{cookiecutter.package}}.networks import build_causal_lm, net_preset
+
+    return build_causal_lm(net_preset("tiny", **{"vocab_size": 2048, "max_length": 128, **values}), "tiny")
+{%- endif %}
+
 
 def run_script(
     script: str, *overrides: str, cwd: Path = ROOT, check: bool = True, stdin: str | None = None

@@ -9,14 +9,14 @@ import torch
 from torch import nn
 
 from {{cookiecutter.package}}.generation import generate, generate_batch
-from {{cookiecutter.package}}.models.gpt import GPT, GPTConfig
+from {{cookiecutter.package}}.models.gpt import GPT
 
-from .conftest import ROOT
+from .conftest import ROOT, tiny_gpt
 
 
 def tiny(**overrides) -> GPT:
     torch.manual_seed(0)
-    return GPT(GPTConfig.from_name("tiny", **overrides)).eval()
+    return tiny_gpt(**overrides).eval()
 
 
 def prompt(batch: int, length: int, vocab: int = 2048, seed: int = 1) -> torch.Tensor:

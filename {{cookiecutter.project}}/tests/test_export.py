@@ -11,15 +11,16 @@ pytest.importorskip("onnxscript")  # torch.onnx.export(dynamo=True) translates t
 from safetensors import safe_open  # noqa: E402
 
 from {{cookiecutter.package}}.export import export_onnx, export_safetensors, load_safetensors, onnx_max_error  # noqa: E402
-from {{cookiecutter.package}}.models.gpt import GPT, GPTConfig  # noqa: E402
+from {{cookiecutter.package}}.models.gpt import GPT  # noqa: E402
+from {{cookiecutter.package}}.networks import net_preset  # noqa: E402
 
-from .conftest import run_script  # noqa: E402
+from .conftest import run_script, tiny_gpt  # noqa: E402
 from .test_quantize import trained  # noqa: F401  (a fixture: a tiny GPT checkpoint written by train.py)
 
 
 def tiny() -> GPT:
     torch.manual_seed(0)
-    return GPT(GPTConfig.from_name("tiny", vocab_size=300)).eval()
+    return tiny_gpt(vocab_size=300).eval()
 
 
 def test_safetensors_round_trip_gives_the_same_logits(tmp_path):
@@ -27,7 +28,10 @@ def test_safetensors_round_trip_gives_the_same_logits(tmp_path):
     written = export_safetensors(model, tmp_path, tokenizer_json='{"fake": "tokenizer"}')
     assert [p.name for p in written] == ["model.safetensors", "config.json", "tokenizer.json"]
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config == {"architecture": "GPT", "config": GPTConfig.from_name("tiny", vocab_size=300).to_dict()}
+    assert config == {
+        "architecture": "GPT",
+        "config": {k: v for k, v in net_preset("tiny", vocab_size=300, max_length=128).items() if k != "_target_"},
+    }
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
     assert len({"tok_emb.weight", "lm_head.weight"} & keys) == 1  # the tied matrix is stored once

@@ -7,9 +7,9 @@ from {{cookiecutter.package}}.data.text import TextDataModule
 from {{cookiecutter.package}}.data.tokenizer import train_tokenizer
 from {{cookiecutter.package}}.errors import ConfigError
 from {{cookiecutter.package}}.generation import check_sampling, complete, filter_logits, generate
-from {{cookiecutter.package}}.models.gpt import GPT, GPTConfig
+from {{cookiecutter.package}}.networks import build_causal_lm, net_preset
 
-from .conftest import run_script
+from .conftest import run_script, tiny_gpt
 
 TEXT = ["to be or not to be, that is the question", "whether tis nobler in the mind to suffer"] * 20
 
@@ -21,11 +21,11 @@ def tokenizer():
 
 def tiny_checkpoint(path, tokenizer, vocab_size: int = 300, max_length: int = 16) -> str:
     """What train.py writes, reduced to what generate.py reads: hyper-parameters, weights, tokenizer."""
-    config = GPTConfig.from_name("tiny", vocab_size=vocab_size, max_length=max_length, num_layers=1, d_model=32)
-    net = GPT(config)
+    node = net_preset("tiny", vocab_size=vocab_size, max_length=max_length, num_layers=1, d_model=32)
+    net = build_causal_lm(node, "tiny")
     torch.save(
         {
-            "hyper_parameters": {"net": config.to_dict()},
+            "hyper_parameters": {"net": node},
             "state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
             "TextDataModule": {"tokenizer": tokenizer.to_str()},
         },
@@ -64,7 +64,7 @@ def test_the_edges_of_the_ranges_are_accepted():
 
 
 def test_a_prompt_longer_than_the_context_is_rejected(tokenizer):
-    model = GPT(GPTConfig.from_name("tiny", vocab_size=300, max_length=8, num_layers=1, d_model=32))
+    model = tiny_gpt(vocab_size=300, max_length=8, num_layers=1, d_model=32)
     prompt = " ".join(TEXT[:3])
     n = len(tokenizer.encode(prompt).ids)
     with pytest.raises(ConfigError, match=f"prompt is {n} tokens but the model's context is 8 tokens"):

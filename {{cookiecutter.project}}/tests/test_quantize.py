@@ -13,16 +13,16 @@ pytest.importorskip("torchao")
 from {{cookiecutter.package}}.checkpoints import read_checkpoint
 from {{cookiecutter.package}}.errors import ConfigError, UserInputError
 from {{cookiecutter.package}}.generation import generate, load_checkpoint_for_generation
-from {{cookiecutter.package}}.models.gpt import GPT, GPTConfig
+from {{cookiecutter.package}}.models.gpt import GPT
 from {{cookiecutter.package}}.quantize import prepare_qat, quantize_net, run, state_bytes
 from {{cookiecutter.package}}.training import train
 
-from .conftest import compose_at, run_script
+from .conftest import compose_at, run_script, tiny_gpt
 
 
 def tiny() -> GPT:
     torch.manual_seed(0)
-    return GPT(GPTConfig.from_name("tiny")).eval()
+    return tiny_gpt().eval()
 
 
 def test_int8_weights_are_about_4x_smaller_than_float32_and_2x_than_bfloat16():

@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from .errors import ConfigError
 from .generation import load_network_checkpoint
-from .models.gpt import GPT, GPTConfig
+from .models.gpt import GPT
 
 FORMATS = ("safetensors", "onnx")
 
@@ -47,7 +47,7 @@ def load_safetensors(folder: str | Path) -> GPT:
     config = json.loads((folder / "config.json").read_text())
     if config.get("architecture") != "GPT":
         raise ConfigError(f"{folder / 'config.json'}: architecture {config.get('architecture')!r}, expected 'GPT'")
-    model = GPT(GPTConfig.from_dict(config["config"]))
+    model = GPT(**config["config"])
     load_model(model, str(folder / "model.safetensors"))
     return model.eval()
 

@@ -32,6 +32,7 @@ from torch import nn
 from .benchmark import median_step_ms
 from .checkpoints import load_net, read_checkpoint, retie, tied_parameters
 from .errors import ConfigError
+from .networks import build{% if cookiecutter.gpt %}, build_causal_lm{% endif %}
 from .training import build_trainer, metrics_of
 
 log = logging.getLogger(__name__)
@@ -160,20 +161,18 @@ def build_module(kind: str, checkpoint: dict[str, Any]) -> Any:
     hparams = checkpoint["hyper_parameters"]
 {%- if cookiecutter.gpt %}
     if kind == "gpt":  # a GPT run, or a distillation run whose `net` is the student
-        from .models.gpt import GPT, GPTConfig
         from .modules.gpt import GPTModule
 
-        module = GPTModule(net=hparams["net"])
-        module.net = load_net(GPT(GPTConfig.from_dict(hparams["net"])), checkpoint)
+        module = GPTModule(**{**hparams, "qat": None})  # fake quantization is for training only
+        module.net = load_net(build_causal_lm(hparams["net"], "ckpt_path: hyper_parameters.net"), checkpoint)
         return module
 {%- endif %}
 {%- if cookiecutter.clip %}
-    from .models.clip import CLIP, CLIPConfig
     from .modules.clip import CLIPModule
 
     net = {**hparams["net"], "image_checkpoint": None}  # the tower's weights are in the state dict
     module = CLIPModule(**{**hparams, "net": net})
-    module.net = load_net(CLIP(CLIPConfig.from_dict(net)), checkpoint)
+    module.net = load_net(build(net, "ckpt_path: hyper_parameters.net"), checkpoint)
     return module
 {%- else %}
     raise AssertionError(kind)

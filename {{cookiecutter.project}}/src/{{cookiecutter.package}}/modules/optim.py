@@ -23,6 +23,7 @@ def weight_decay_groups(params: Iterable[torch.nn.Parameter]) -> list[dict[str, 
     decay, no_decay = [p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
+
 log = logging.getLogger(__name__)
 
 

@@ -33,8 +33,8 @@ if str(SRC) not in sys.path:
 from {{cookiecutter.package}}.benchmark import median_step_ms  # noqa: E402
 from {{cookiecutter.package}}.callbacks.throughput import peak_flops  # noqa: E402
 from {{cookiecutter.package}}.models.gpt import GPT  # noqa: E402
-from {{cookiecutter.package}}.networks import build_causal_lm, net_preset, net_presets  # noqa: E402
 from {{cookiecutter.package}}.modules.optim import build_adamw  # noqa: E402
+from {{cookiecutter.package}}.networks import build_causal_lm, net_preset, net_presets  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

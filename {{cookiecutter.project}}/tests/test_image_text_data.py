@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from {{cookiecutter.package}}.cli import exit_on_user_error
 from {{cookiecutter.package}}.data.image_text import (
     ImageTextDataModule,
     image_transform,
@@ -19,7 +20,6 @@ from {{cookiecutter.package}}.data.image_text import (
 )
 from {{cookiecutter.package}}.data.shapes import COLOURS, KINDS, SPECS, ShapesDataModule, ShapesDataset
 from {{cookiecutter.package}}.data.tokenizer import train_tokenizer
-from {{cookiecutter.package}}.cli import exit_on_user_error
 from {{cookiecutter.package}}.errors import ConfigError, DataFormatError, DataPathError
 
 from .conftest import run_script

@@ -144,3 +144,37 @@ def test_fsdp2_prefetch_of_one_leaves_fsdp2_its_own_order(one_rank_mesh):
 def test_fsdp2_strategy_rejects_a_prefetch_below_one():
     with pytest.raises(ValueError, match=r"trainer.strategy.prefetch=0: expected a positive number"):
         FSDP2Strategy(prefetch=0)
+
+
+class NormUnit(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear, self.norm = nn.Linear(4, 4), nn.BatchNorm1d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.linear(x))
+
+
+class NormStack(nn.Module):
+    shard_units = (NormUnit,)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.units = nn.Sequential(NormUnit(), NormUnit())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.units(x)
+
+
+def test_fsdp2_bf16_keeps_batchnorm_weights_in_fp32_beside_its_fp32_statistics(one_rank_mesh):
+    # bf16 BatchNorm weights beside fp32 running statistics stop the forward ("expected scalar type
+    # BFloat16 but found Float"): the CLIP's ResNet tower under trainer=fsdp met this on 2 H200s.
+    stack = NormStack()
+    fsdp2_shard(stack, one_rank_mesh, param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    out = stack(torch.randn(8, 4))
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16
+    for unit in stack.units:
+        assert unit.norm._get_fsdp_state()._mp_policy.param_dtype is None
+        assert unit._get_fsdp_state()._mp_policy.param_dtype == torch.bfloat16
+        assert unit.norm.running_mean.dtype == torch.float32 and unit.norm.running_mean.abs().sum() > 0

@@ -40,7 +40,9 @@ def _own_message(e: Exception) -> str:
 
 
 def exit_on_user_error(fn: Callable[..., T]) -> Callable[..., T]:
-    """For a @hydra.main task: a user error becomes one line on stderr and exit status 2, no traceback,
+    """For an entry point (a @hydra.main task, whose first argument is the composed config, or a plain
+    command such as `python -m <package>.hf`): a user error becomes one line on stderr and exit
+    status 2, no traceback,
     and the run folder Hydra made for the failed run is removed (only what this run wrote in it, when
     the folder already held something: `hydra.run.dir=` can name a folder in use), unless the run
     had written a checkpoint."""
@@ -52,7 +54,8 @@ def exit_on_user_error(fn: Callable[..., T]) -> Callable[..., T]:
         try:
             from .overrides import check_overrides  # imports this module
 
-            check_overrides(args[0])
+            if args and OmegaConf.is_config(args[0]):
+                check_overrides(args[0])
             return fn(*args, **kwargs)
         except UserInputError as e:
             message = _own_message(e)

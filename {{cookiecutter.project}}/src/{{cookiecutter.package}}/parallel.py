@@ -60,6 +60,13 @@ def fsdp2_shard(
     if cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
     for network in networks:
+        if param_dtype is not None:
+            # BatchNorm's running statistics are fp32 buffers that FSDP2 does not cast, and its kernels
+            # refuse bf16 weights beside fp32 statistics: such layers keep fp32 weights (their own
+            # FSDP2 group), as under autocast; their bf16 input is what those kernels accept.
+            norms = [m for m in network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+            for norm in norms:
+                fully_shard(norm, **{**kwargs, "mp_policy": MixedPrecisionPolicy(reduce_dtype=reduce_dtype)})
         units = units_of(network)
         for i, unit in enumerate(units):
             fully_shard(unit, **{**kwargs, "reshard_after_forward": reshard_after_forward and i < len(units) - 1})

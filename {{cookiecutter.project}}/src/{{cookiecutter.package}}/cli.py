@@ -49,13 +49,14 @@ def exit_on_user_error(fn: Callable[..., T]) -> Callable[..., T]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> T:
-        run_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
+        cfg = args[0] if args and OmegaConf.is_config(args[0]) else None  # None: not a Hydra task
+        run_dir = Path(HydraConfig.get().runtime.output_dir) if cfg is not None and HydraConfig.initialized() else None
         before = _entries(run_dir)
         try:
             from .overrides import check_overrides  # imports this module
 
-            if args and OmegaConf.is_config(args[0]):
-                check_overrides(args[0])
+            if cfg is not None:
+                check_overrides(cfg)
             return fn(*args, **kwargs)
         except UserInputError as e:
             message = _own_message(e)
@@ -68,7 +69,7 @@ def exit_on_user_error(fn: Callable[..., T]) -> Callable[..., T]:
         # A run that already wrote a checkpoint (a loss that diverged at step 5000, a disk that filled,
         # a corrupt image met mid-epoch) keeps its folder: its checkpoints and curves are results.
         if run_dir is not None and not any(run_dir.rglob("*.ckpt")):
-            log_dir = OmegaConf.select(args[0], "paths.log_dir", default=None, throw_on_resolution_failure=False)
+            log_dir = OmegaConf.select(cfg, "paths.log_dir", default=None, throw_on_resolution_failure=False)
             _remove_run(run_dir, before, Path(log_dir).resolve() if log_dir else None)
         fail(message)
 

@@ -32,7 +32,7 @@ from torch import nn
 from .benchmark import median_step_ms
 from .checkpoints import load_net, read_checkpoint, retie, tied_parameters
 from .errors import ConfigError
-from .networks import build{% if cookiecutter.gpt %}, build_causal_lm{% endif %}
+from .networks import {% if cookiecutter.clip %}build{% if cookiecutter.gpt %}, {% endif %}{% endif %}{% if cookiecutter.gpt %}build_causal_lm{% endif %}
 from .training import build_trainer, metrics_of
 
 log = logging.getLogger(__name__)

@@ -110,7 +110,9 @@ def test_unusable_checkpoint_is_one_line_without_torch_advice(folder, script, ex
 
 def test_checkpoint_of_another_module_names_the_model_option(folder):
     """A checkpoint whose network belongs to another module, evaluated without its model= option."""
-    other = {% if cookiecutter.gpt %}{"net": {"embed_dim": 64, "image_model": "tiny"}}{% else %}{"net": {"d_model": 64, "num_layers": 2}}{% endif %}
+    net = {% if cookiecutter.gpt %}{"_target_": "{{cookiecutter.package}}.models.clip.CLIP", "embed_dim": 64, "image_model": "tiny"}{% else %}{"_target_": "{{cookiecutter.package}}.models.gpt.GPT", "d_model": 64, "num_layers": 2}{% endif %}
+    # What the other module saved: its network node and the settings every module has.
+    other = {"net": net, "loss": "infonce", "optimizer": {}, "scheduler": {}, "compile": False, "recall_at": [1]}
     path = folder / "inputs" / "other.ckpt"
     torch.save({"state_dict": {}, "global_step": 1, "hyper_parameters": other}, path)
     line = fails_cleanly(folder, "eval.py", f"ckpt_path={path}", "trainer=cpu")

@@ -234,7 +234,7 @@ def resolve_ckpt_path(value: str | None, log_dir: str | Path, task_name: str) ->
         found = whole_checkpoints(root) if root.is_dir() else []
         if not found:
             raise DataPathError(
-                f"ckpt_path=last: no checkpoint of an earlier {task_name!r} run under {root} "
+                f"ckpt_path=last: no checkpoint of an earlier {task_name!r} run under {root.resolve()} "
                 "(looked for <run>/checkpoints/*.ckpt); start without ckpt_path, or pass a file or run folder"
             )
     elif path.is_dir() and is_checkpoint_folder(path):

@@ -111,6 +111,19 @@ def test_32_concurrent_requests_are_all_answered_in_shared_batches(server):
     assert after[tokens] - before[tokens] == sum(b["max_new_tokens"] for b in bodies)
 
 
+@pytest.mark.slow
+def test_a_compiled_server_answers_as_the_eager_one_at_every_batch_size(server, gpt_ckpt, tmp_path):
+    """server.compile: the decode step under torch.compile, a graph per power-of-two batch size
+    (built at warm-up); greedy answers equal the eager server's, alone and in padded batches."""
+    bodies = [{"prompt": PROMPT + " a" * i, "max_new_tokens": 6 + i, "temperature": 0} for i in range(3)]
+    eager = [post(server, "/generate", b).json()["text"] for b in bodies]
+    overrides = ["server.compile=default", "server.max_batch_size=2"]
+    with LiveServer.on_free_port(gpt_ckpt, tmp_path, *overrides) as compiled:
+        assert post(compiled, "/generate", bodies[0]).json()["text"] == eager[0]
+        responses = asyncio.run(_burst(compiled.url, bodies))  # batches of 1 and 2 rows (run as 2)
+        assert [r.json()["text"] for r in responses] == eager
+
+
 LONG = PROMPT + " the" * 50  # over the test model's 32-token context (data.block_size=32)
 BAD = [
     (b'{"max_new_tokens": 5}', 422, "prompt", "prompt: required"),

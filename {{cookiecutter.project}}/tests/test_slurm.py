@@ -212,6 +212,29 @@ def test_a_sweep_with_launcher_slurm_runs_one_slurm_job_per_run_and_each_survive
 
 @pytest.mark.slurm
 @pytest.mark.slow
+def test_a_sweep_with_slurm_wait_false_returns_once_submitted_and_its_jobs_complete(tmp_path, corpus, data_dir):
+    """`slurm.wait=false`: the command logs the two job ids and returns while they are still queued
+    or running; each job then completes its run in <sweep>/<job number>."""
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "train.py", "-m", "launcher=slurm", "slurm.wait=false", "trainer=cpu", "trainer.devices=1",
+           "hydra.launcher.gpus_per_node=null", "hydra.launcher.cpus_per_task=1", "model.optimizer.lr=1e-3,1e-2",
+           *FAST, "trainer.max_steps=6", "trainer.val_check_interval=6", f"data.paths=[{corpus}]",
+           f"paths.data_dir={data_dir}", f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=120)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    job_ids = re.findall(r"#\d submitted as SLURM job (\d+_\d)", log)
+    assert len(job_ids) == 2 and "not waiting for them (slurm.wait=false)" in log, log[-3000:]
+    assert {job_info(j)["JobState"] for j in job_ids} & {"PENDING", "RUNNING"}, "the command waited for its jobs"
+    for index, job_id in enumerate(job_ids):
+        info = wait_until_ended(job_id, 240)
+        assert info is not None and info["JobState"] == "COMPLETED", (info, job_id)
+        ckpt = torch.load(sweep / str(index) / "checkpoints" / "last.ckpt", weights_only=True)
+        assert ckpt["global_step"] == 6
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
 def test_sbatch_job_past_its_time_limit_is_requeued_and_ends_with_the_uninterrupted_weights(
     compose_cfg, corpus, data_dir, jobs, one_thread
 ):

@@ -92,8 +92,9 @@ class _Cached:
         length = min(window + max_new_tokens - 1, limit)
         if step is model.decode:
             self.cache = model.init_cache(idx.size(0), length)
-        else:  # compiled: one cache per shape, reused, so a CUDA graph replays on the same addresses
-            self.cache = static_cache(model, idx.size(0), length)
+        else:  # compiled: one cache per batch size spanning the whole context, reused, so one graph
+            # serves every prompt length and a CUDA graph replays on the same addresses
+            self.cache = static_cache(model, idx.size(0), limit)
         self.next_slot = window
 
     def _prefill(self) -> torch.Tensor:

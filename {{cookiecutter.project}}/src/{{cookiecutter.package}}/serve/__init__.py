@@ -57,7 +57,10 @@ def load_backend(cfg: Any) -> Backend:
         from .generate import TextGenerator
 
         model, tokenizer = load_checkpoint_for_generation(cfg.ckpt_path, device)
-        return TextGenerator(model, tokenizer, device, dict(cfg.generate), cfg.server.max_new_tokens)
+        server = cfg.server
+        return TextGenerator(
+            model, tokenizer, device, dict(cfg.generate), server.max_new_tokens, server.compile, server.max_batch_size
+        )
 {%- endif %}
 {%- if cookiecutter.clip %}
     if kind == "clip":

@@ -7,6 +7,11 @@ any lengths, left-padded, through the KV cache) when they can share its argument
 agree. A seeded row is decoded on its
 own with `torch.Generator().manual_seed(seed)`, exactly as generate.py does, so a seeded request
 gives generate.py's text for that seed whatever else is in the batch.
+
+With `server.compile` set, the one-token step runs under torch.compile (generation.compiled_decode):
+its cache spans the whole context and a batch is padded up to a power of two (repeating its last
+prompt; the extra rows are thrown away), so one compiled graph per power of two serves every
+request. Those graphs are built at warm-up, before the server listens.
 """
 
 from collections import defaultdict
@@ -24,6 +29,11 @@ from ..generation import generate_batch
 from ..models.gpt import GPT
 from .app import Serving
 from .validation import BadRequest, check_range, parse_body
+
+
+def bucket(n: int) -> int:
+    """The batch size a compiled server runs n rows at: the next power of two."""
+    return 1 << (n - 1).bit_length()
 
 
 class GenerateRequest(BaseModel):
@@ -65,9 +75,17 @@ class TextGenerator:
     batch_route = "/generate"
 
     def __init__(
-        self, model: GPT, tokenizer: Tokenizer, device: str, defaults: dict[str, Any], max_new_tokens_limit: int
+        self,
+        model: GPT,
+        tokenizer: Tokenizer,
+        device: str,
+        defaults: dict[str, Any],
+        max_new_tokens_limit: int,
+        compile: str | None = None,
+        max_batch_size: int = 1,
     ) -> None:
         self.model, self.tokenizer, self.device = model, tokenizer, device
+        self.compile, self.max_batch_size = compile, max_batch_size
         self.context = model.config.max_length
         self.max_new_tokens_limit = max_new_tokens_limit
         self.eot = eot_id(tokenizer)
@@ -142,7 +160,11 @@ class TextGenerator:
                 generator = torch.Generator(device=self.device).manual_seed(job.seed)
             # Prompts of different lengths decode together (left-padded, through the KV cache).
             prompts = [items[i][1] for i in rows]
-            ids = generate_batch(self.model, prompts, steps, job.temperature, job.top_k, job.top_p, generator)
+            if self.compile is not None:  # one compiled graph per power of two (see the module docstring)
+                prompts += prompts[-1:] * (bucket(len(prompts)) - len(prompts))
+            ids = generate_batch(
+                self.model, prompts, steps, job.temperature, job.top_k, job.top_p, generator, compile=self.compile
+            )
             for row, i in enumerate(rows):
                 new = ids[row][: items[i][0].max_new_tokens]  # a row cut to its own length: decoding is causal
                 text = decode_utf8(self.tokenizer, new)  # whole characters, as generate.py prints
@@ -150,8 +172,13 @@ class TextGenerator:
         return out  # type: ignore[return-value]
 
     def warmup(self) -> None:
-        """One short decode before the first request: CUDA context, kernels and allocator warmed up."""
-        self.run_batch([(Job("", max_new_tokens=1, temperature=0, top_k=None, top_p=None, seed=None), [self.eot])])
+        """A short decode before the first request: CUDA context, kernels and allocator warmed up; with
+        `compile`, every batch size a request can meet is compiled (two tokens: the first comes from
+        the prefill, the second from the compiled step)."""
+        job = Job("", max_new_tokens=1 if self.compile is None else 2, temperature=0, top_k=None, top_p=None, seed=None)
+        sizes = [1] if self.compile is None else sorted({bucket(n) for n in range(1, self.max_batch_size + 1)})
+        for size in sizes:
+            self.run_batch([(job, [self.eot])] * size)
 
     def describe(self) -> dict[str, Any]:
         return {"model": "gpt", "context": self.context, "vocab_size": self.model.config.vocab_size}

@@ -25,6 +25,21 @@ def tiny() -> GPT:
     return tiny_gpt().eval()
 
 
+@pytest.mark.slow
+def test_an_int8_network_decodes_the_same_tokens_compiled_and_eager():
+    """The compiled decode step unwraps torchao's weight subclasses into plain tensors first
+    (generation.compiled_decode); greedy tokens stay those of the eager int8 network, across prompt
+    lengths sharing one cache length."""
+    torch.manual_seed(0)
+    model = quantize_net(tiny(), "int8_weight_only").eval()
+    prompts = [torch.randint(0, model.config.vocab_size, (2, n)) for n in (5, 9)]
+    eager = [generate(model, p, 8, temperature=0) for p in prompts]
+    torch._dynamo.reset()
+    compiled = [generate(model, p, 8, temperature=0, compile="default", cache_length=20) for p in prompts]
+    assert all(torch.equal(a, b) for a, b in zip(eager, compiled, strict=True))
+    assert not any("Int8Tensor" in type(p).__name__ for p in model.parameters())  # unwrapped
+
+
 def test_int8_weights_are_about_4x_smaller_than_float32_and_2x_than_bfloat16():
     fp32 = state_bytes(tiny())
     bf16 = state_bytes(tiny().to(torch.bfloat16))

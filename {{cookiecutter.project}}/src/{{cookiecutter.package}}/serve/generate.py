@@ -163,8 +163,9 @@ class TextGenerator:
             if self.compile is not None:  # one compiled graph per power of two (see the module docstring)
                 prompts += prompts[-1:] * (bucket(len(prompts)) - len(prompts))
             ids = generate_batch(
-                self.model, prompts, steps, job.temperature, job.top_k, job.top_p, generator, compile=self.compile
-            )
+                self.model, prompts, steps, job.temperature, job.top_k, job.top_p, generator,
+                compile=self.compile, cache_length=self.context if self.compile else None,
+            )  # fmt: skip
             for row, i in enumerate(rows):
                 new = ids[row][: items[i][0].max_new_tokens]  # a row cut to its own length: decoding is causal
                 text = decode_utf8(self.tokenizer, new)  # whole characters, as generate.py prints

@@ -136,6 +136,18 @@ def test_compile_units_keeps_parameter_names_and_results():
     torch.testing.assert_close(compiled.loss(x[:, :-1], x[:, 1:]), eager.loss(x[:, :-1], x[:, 1:]))
 
 
+def test_compile_units_leaves_a_zero3_partitioned_network_eager_with_a_warning():
+    from {{cookiecutter.package}}.networks import compile_units
+
+    model = tiny()
+    plain_forward = [block.forward for block in model.blocks]
+    for p in model.parameters():
+        p.ds_id = 0  # what DeepSpeed's zero.Init puts on each parameter it partitions
+    with pytest.warns(UserWarning, match="under DeepSpeed ZeRO-3: the network stays eager"):
+        compile_units(model)
+    assert [block.forward for block in model.blocks] == plain_forward
+
+
 def test_layers_initialise_themselves_as_they_are_built():
     """GPT-2 init happens inside each layer's constructor (so DeepSpeed's zero.Init, which partitions
     every layer right after its constructor, still gets it): check the statistics on a wide model."""

@@ -10,6 +10,7 @@ alone: no Hydra needed, the class only has to be importable.
 import functools
 import importlib
 import inspect
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -115,7 +116,18 @@ def units_of(network: nn.Module) -> list[nn.Module]:
 def compile_units(network: nn.Module, **compile_kwargs: Any) -> None:
     """torch.compile each unit's forward, and each method named in the network's optional
     `compile_methods`, in place: parameter names (and checkpoints) do not change, and FSDP's
-    per-unit hooks (parallel.py) stay outside the compiled graphs."""
+    per-unit hooks (parallel.py) stay outside the compiled graphs.
+
+    A network whose parameters DeepSpeed ZeRO-3 partitioned as they were created (they carry
+    `ds_id`) stays eager, with a warning: with ZeRO-3's parameter hooks around compiled units, a
+    774M GPT's step ran 2x slower than eager on two H200s (docs/performance.md)."""
+    if any(hasattr(p, "ds_id") for p in network.parameters()):
+        warnings.warn(
+            "model.compile=true under DeepSpeed ZeRO-3: the network stays eager (compiled units measured "
+            "2x slower than eager under ZeRO-3; docs/performance.md)",
+            stacklevel=2,
+        )
+        return
     for unit in units_of(network):
         unit.forward = torch.compile(unit.forward, **compile_kwargs)
     for name in getattr(network, "compile_methods", ()):

@@ -248,9 +248,8 @@ def generate_batch(
     for b, p in enumerate(prompts):
         idx[b, T - len(p) :] = torch.tensor(p, dtype=torch.long)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
-    out = generate(
-        model, idx, max_new_tokens, temperature, top_k, top_p, generator, stop_token, lengths, True, compile, cache_length
-    )
+    out = generate(model, idx, max_new_tokens, temperature, top_k, top_p, generator, stop_token, lengths,
+                   compile=compile, cache_length=cache_length)  # fmt: skip
     rows = out[:, T:].tolist()
     return [r[: r.index(stop_token) + 1] if stop_token in r else r for r in rows]
 

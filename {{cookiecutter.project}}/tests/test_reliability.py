@@ -319,8 +319,14 @@ def test_signals_during_a_checkpoint_write_wait_for_it_to_finish(tmp_path, monke
 
     monkeypatch.setattr(type(trainer.strategy.checkpoint_io), "save_checkpoint", interrupted)
     target = tmp_path / "interrupted.ckpt"
-    with pytest.raises(KeyboardInterrupt):
-        trainer.save_checkpoint(target)
+    # Python's own Ctrl-C handler, as in a terminal (a process started with SIGINT ignored, as
+    # pytest-xdist's workers start theirs, inherits the ignoring and would never see the signal).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            trainer.save_checkpoint(target)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert torch.load(target, weights_only=True)["global_step"] == 1
 
 

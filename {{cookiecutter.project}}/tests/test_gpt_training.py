@@ -12,6 +12,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from {{cookiecutter.package}} import train as api_train
+from {{cookiecutter.package}}.networks import build_causal_lm
 from {{cookiecutter.package}}.training import train
 
 from .conftest import ROOT, TINY, run_script
@@ -23,6 +24,16 @@ def scalars(run_dir: Path) -> dict[str, list[float]]:
     out = {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
     out["_text"] = acc.Tags()["tensors"]
     return out
+
+
+def test_bench_times_steps_and_reports_the_networks_size(compose_cfg):
+    from {{cookiecutter.package}}.benchmark import run_benchmark
+
+    cfg = compose_cfg("bench", ["trainer=cpu", "bench.warmup=1", "bench.steps=2"])
+    result = run_benchmark(cfg)
+    net = build_causal_lm(cfg.model.net, "model.net")
+    assert result["params_M"] == sum(p.numel() for p in net.parameters()) / 1e6 > 0
+    assert result["timed_steps"] == 2 and result["step_ms"] > 0 and result["tokens_per_sec"] > 0
 
 
 def test_fast_dev_run(compose_cfg):

@@ -135,7 +135,7 @@ def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
     peak = peak_flops(device, str(trainer.precision))
     result = {
         "module": type(model).__name__,
-        "params_M": getattr(model, "num_params", 0) / 1e6,
+        "params_M": parameter_count(getattr(model, "net", model)) / 1e6,  # the trained network (a student)
         "batch_per_device": cfg.data.batch_size,
         "precision": str(trainer.precision),
         "strategy": type(trainer.strategy).__name__,
@@ -153,6 +153,12 @@ def run_benchmark(cfg: DictConfig) -> dict[str, Any]:
         lines = [f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}" for k, v in result.items()]
         print("\n".join(["benchmark", *lines]), flush=True)
     return result
+
+
+def parameter_count(network: torch.nn.Module) -> int:
+    """Parameters of the whole network on any strategy: a DTensor (FSDP2) counts its global shape,
+    a ZeRO-3 parameter (DeepSpeed; an empty placeholder outside its forward) its `ds_numel`."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in network.parameters())
 
 
 class _ProfilerStep(L.Callback):

@@ -247,6 +247,10 @@ def test_a_taken_port_and_a_bad_cache_url_are_one_line_errors(gpt_ckpt, tmp_path
     assert proc.returncode == 2 and "error: server.cache_url='http://localhost:6379':" in proc.stderr
     proc = run_script(*args, "generate.top_p=3", check=False)
     assert proc.returncode == 2 and "error: generate.top_p: must be in (0, 1], got 3" in proc.stderr
+    proc = run_script(*args, "server.compile=default", "server.max_batch_size=256", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    limit = "needs 9 compiled graphs, over torch.compile's limit of 8 per function: use server.max_batch_size <= 128"
+    assert limit in proc.stderr
 
 
 @pytest.mark.slow

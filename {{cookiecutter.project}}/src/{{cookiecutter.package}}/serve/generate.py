@@ -86,6 +86,13 @@ class TextGenerator:
     ) -> None:
         self.model, self.tokenizer, self.device = model, tokenizer, device
         self.compile, self.max_batch_size = compile, max_batch_size
+        graphs = bucket(max_batch_size).bit_length()  # one per power of two up to max_batch_size
+        if compile is not None and graphs > torch._dynamo.config.recompile_limit:
+            raise ConfigError(
+                f"server.compile={compile!r} with server.max_batch_size={max_batch_size} needs {graphs} compiled "
+                f"graphs, over torch.compile's limit of {torch._dynamo.config.recompile_limit} per function: "
+                f"use server.max_batch_size <= {1 << (torch._dynamo.config.recompile_limit - 1)}"
+            )
         self.context = model.config.max_length
         self.max_new_tokens_limit = max_new_tokens_limit
         self.eot = eot_id(tokenizer)

@@ -48,6 +48,7 @@ MODULE_FILES = {
         "tests/test_export.py",
         "tests/test_hf.py",
         "tests/test_recipe.py",
+        "tests/test_docs_inference.py",
         "tests/test_networks.py",
         "docs/gpt.md",
         "docs/inference.md",

@@ -33,6 +33,7 @@ MODULE_OWNED = {
         "{pkg}/hf.py",
         "tests/test_hf.py",
         "tests/test_recipe.py",
+        "tests/test_docs_inference.py",
         "tests/test_networks.py",
         "configs/data/shakespeare.yaml",
         "configs/data/text.yaml",

@@ -23,6 +23,7 @@ FIRST_HALF = [
     "tests/test_strategies.py",
     "tests/test_distill.py",
     "tests/test_docs_sweeps.py",
+    "tests/test_docs_inference.py",
     "tests/test_reliability.py",
     "tests/test_serve_gpt.py",
 ]

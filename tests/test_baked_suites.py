@@ -1,6 +1,6 @@
 """Each baked project's own test suite passes, for every module combination.
 
-The default project (every module) runs its whole suite, in two halves so that `make test`'s two
+The default project (every module) runs its whole suite, in three parts so that `make test`'s two
 workers share it. The smaller combinations differ from it only in which files are baked and in
 the Jinja branches of the shared files (configs, docs, Makefile, the package's `__init__`, the
 server's and quantize.py's model choice, and the tests that carry branches themselves), so they
@@ -16,17 +16,10 @@ import pytest
 from .conftest import COMBINATIONS, combo_id, run
 
 DEFAULT = (True, True, True)
-# The default project's first half: the tests that wait (on SLURM's one-minute limit, on 2-process
-# runs) and the serving tests; the second half is every other file. Split by measured time.
-FIRST_HALF = [
-    "tests/test_slurm.py",
-    "tests/test_strategies.py",
-    "tests/test_distill.py",
-    "tests/test_docs_sweeps.py",
-    "tests/test_docs_inference.py",
-    "tests/test_reliability.py",
-    "tests/test_serve_gpt.py",
-]
+# The default project's suite in three parts (split by measured time): the tests that wait (on
+# SLURM's one-minute limit, on 2-process runs), the serving and doc-command tests, and every other file.
+PART_ONE = ["tests/test_slurm.py", "tests/test_strategies.py", "tests/test_distill.py", "tests/test_docs_sweeps.py"]
+PART_TWO = ["tests/test_reliability.py", "tests/test_serve_gpt.py", "tests/test_docs_inference.py"]
 # The smaller combinations: the tests of what differs between combinations (those of a module left
 # out are not baked and are skipped here), without the `slow` ones.
 COMBINATION_TESTS = [
@@ -47,10 +40,12 @@ COMBINATION_TESTS = [
     "tests/test_clip_training.py::test_fast_dev_run",
     "tests/test_distill.py::test_fit_trains_only_the_student_and_keeps_the_teacher_frozen_in_eval_mode",
 ]
-# (id, combination, pytest arguments); the longest first, so that the two workers start on them.
+# (id, combination, pytest arguments); the longest first: one worker takes the rest of the default
+# suite while the other runs its first two parts, then both share the smaller combinations.
 SUITES = [
-    ("all-first-half", DEFAULT, FIRST_HALF),
-    ("all-second-half", DEFAULT, [f"--ignore={path}" for path in FIRST_HALF]),
+    ("all-rest", DEFAULT, [f"--ignore={path}" for path in PART_ONE + PART_TWO]),
+    ("all-part-one", DEFAULT, PART_ONE),
+    ("all-part-two", DEFAULT, PART_TWO),
     *[(combo_id(c), c, ["-m", "not slow", *COMBINATION_TESTS]) for c in COMBINATIONS if c != DEFAULT],
 ]
 

@@ -9,7 +9,6 @@ exactly as they would with the command waiting, and `squeue` / `scontrol show jo
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
@@ -56,6 +55,4 @@ class SlurmLauncher(SubmititSlurmLauncher):
 
 def job_return(overrides: Sequence[str], job_id: str) -> JobReturn:
     """What the sweep records for a job it did not wait for: submitted, its value the SLURM job id."""
-    result: Any = JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED)
-    result.return_value = job_id
-    return result
+    return JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED, _return_value=job_id)

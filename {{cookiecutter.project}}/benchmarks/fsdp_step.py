@@ -11,7 +11,9 @@ MixedPrecisionPolicy, no autocast), fused AdamW (decay on matrices, as the modul
 clipping unless --clip, random tokens. Any number of GPUs on one node (one process per GPU).
 Rank 0 prints one table row: median step (CUDA events, read once after the timed steps), tokens/s
 per GPU, MFU (the network's flops_per_token against the GPU's dense bf16 peak) and peak memory.
-`--json` prints that row as JSON instead (benchmarks/scaling.py reads it).
+`--json` prints that row as JSON instead (benchmarks/scaling.py reads it). `--profile DIR` then
+profiles 5 more steps into DIR (a torch profiler trace per rank, for TensorBoard's profiler plugin
+or chrome://tracing), to set beside a preset's `bench.py ... bench.profile=true` trace.
 """
 
 import argparse
@@ -19,6 +21,7 @@ import itertools
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -55,6 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation)")
     p.add_argument("--steps", type=int, default=20, help="timed steps (the median is reported)")
     p.add_argument("--json", action="store_true", help="print the row as one JSON line")
+    p.add_argument("--profile", type=Path, default=None, metavar="DIR", help="after timing, trace 5 steps into DIR")
     args = p.parse_args(argv)
     for name in ("batch", "seq_len", "steps"):
         if getattr(args, name) <= 0:
@@ -64,6 +68,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if "RANK" not in os.environ:
         p.error("launch with torchrun, e.g. torchrun --nproc-per-node 1 benchmarks/fsdp_step.py ...")
     return args
+
+
+def profile(step: Callable[[], None], folder: Path, worker: str, cuda: bool, steps: int = 5) -> None:
+    """Trace `steps` calls of `step` (after one untraced) into folder/<worker>.*.pt.trace.json."""
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(
+        activities=activities,
+        schedule=torch.profiler.schedule(wait=0, warmup=1, active=steps, repeat=1),
+        on_trace_ready=torch.profiler.tensorboard_trace_handler(str(folder), worker_name=worker),
+    ) as prof:
+        for _ in range(steps + 1):
+            step()
+            prof.step()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -117,6 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     ms = median_step_ms(step, args.steps, device)
+    if args.profile:
+        profile(step, args.profile, f"rank{rank}", cuda)
     ms_all = torch.tensor([ms], device=device)
     dist.all_reduce(ms_all, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
     ms = float(ms_all)

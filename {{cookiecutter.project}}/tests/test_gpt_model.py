@@ -146,6 +146,7 @@ def test_compile_units_leaves_a_zero3_partitioned_network_eager_with_a_warning()
     with pytest.warns(UserWarning, match="under DeepSpeed ZeRO-3: the network stays eager"):
         compile_units(model)
     assert [block.forward for block in model.blocks] == plain_forward
+    assert "head_loss" not in vars(model)  # a compiled method would be an instance attribute
 
 
 def test_layers_initialise_themselves_as_they_are_built():

@@ -20,7 +20,8 @@ def test_scaling_times_the_reference_loop_and_a_preset_on_two_cpu_ranks(tmp_path
         f"data=text data.paths=[{corpus}] data.val_windows=8 paths.data_dir={data_dir} hydra.run.dir={tmp_path / 'run'}"
     )
     cmd = [*SCALING, *TINY, "--gpus", "2", "--warmup", "1", "--steps", "2", "--out", str(out)]
-    proc = subprocess.run([*cmd, "--run", "reference", "--run", fsdp], capture_output=True, text=True, cwd=ROOT)
+    reference = f"reference: --profile {tmp_path / 'trace'}"
+    proc = subprocess.run([*cmd, "--run", reference, "--run", fsdp], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["run"], r["gpus"]) for r in rows] == [("reference", 2), ("fsdp", 2)]
@@ -32,6 +33,11 @@ def test_scaling_times_the_reference_loop_and_a_preset_on_two_cpu_ranks(tmp_path
     assert table[0].startswith("| run | net | GPUs |")
     reference_row = next(line for line in table if line.startswith("| reference | tiny | 2 |"))
     assert reference_row.split("|")[9].strip() == "1.000x"  # the ratio column is relative to it
+    # --profile: one trace per rank, each with the profiled steps' operators
+    traces = sorted(p.name.split(".")[0] for p in (tmp_path / "trace").glob("*.pt.trace.json"))
+    assert traces == ["rank0", "rank1"]
+    events = json.loads(next((tmp_path / "trace").glob("rank0.*.pt.trace.json")).read_text())["traceEvents"]
+    assert sum(e.get("name", "").startswith("ProfilerStep#") for e in events) == 5
 
 
 def test_scaling_rejects_a_run_without_a_label():

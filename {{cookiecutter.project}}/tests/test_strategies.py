@@ -17,7 +17,7 @@ from {{cookiecutter.package}}.modules.clip import CLIPModule
 {%- if cookiecutter.gpt %}
 from {{cookiecutter.package}}.modules.gpt import GPTModule
 {%- endif %}
-from {{cookiecutter.package}}.parallel import FSDP2Strategy, fsdp2_shard
+from {{cookiecutter.package}}.parallel import FSDP2Strategy, fsdp2_shard, mark_zero3_leaves
 from {{cookiecutter.package}}.training import build_trainer
 
 from .conftest import {% if cookiecutter.clip %}CLIP_TINY, {% endif %}{% if cookiecutter.gpt %}TINY, {% endif %}run_script
@@ -144,6 +144,18 @@ def test_fsdp2_prefetch_of_one_leaves_fsdp2_its_own_order(one_rank_mesh):
 def test_fsdp2_strategy_rejects_a_prefetch_below_one():
     with pytest.raises(ValueError, match=r"trainer.strategy.prefetch=0: expected a positive number"):
         FSDP2Strategy(prefetch=0)
+
+
+def test_zero3_leaves_are_the_units_of_every_shardable_network():
+    """DeepSpeedStrategy (trainer=deepspeed) marks these before DeepSpeed places its hooks: each unit
+    is then gathered whole, nothing inside a unit and nothing outside the units is a leaf."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.utils import z3_leaf_module
+
+    root = nn.ModuleDict({"a": Stack(3), "b": Stack(2), "head": nn.Linear(4, 4)})
+    units = mark_zero3_leaves(root)
+    assert units == [*root["a"].units, *root["b"].units]
+    assert [m for m in root.modules() if z3_leaf_module(m)] == units
 
 
 class NormUnit(nn.Module):

@@ -119,12 +119,14 @@ def compile_units(network: nn.Module, **compile_kwargs: Any) -> None:
     per-unit hooks (parallel.py) stay outside the compiled graphs.
 
     A network whose parameters DeepSpeed ZeRO-3 partitioned as they were created (they carry
-    `ds_id`) stays eager, with a warning: with ZeRO-3's parameter hooks around compiled units, a
-    774M GPT's step ran 2x slower than eager on two H200s (docs/performance.md)."""
+    `ds_id`) stays eager, with a warning. On two H200s at 774M, compiled units under ZeRO-3 ran 2x
+    slower than eager with ZeRO-3's hooks on every layer, and with each unit gathered whole
+    (`parallel.DeepSpeedStrategy`) no faster than eager (55.5K against 57.2K tokens/s per GPU), so
+    compiling would only add start-up time (docs/performance.md)."""
     if any(hasattr(p, "ds_id") for p in network.parameters()):
         warnings.warn(
             "model.compile=true under DeepSpeed ZeRO-3: the network stays eager (compiled units measured "
-            "2x slower than eager under ZeRO-3; docs/performance.md)",
+            "no faster than eager under ZeRO-3; docs/performance.md)",
             stacklevel=2,
         )
         return

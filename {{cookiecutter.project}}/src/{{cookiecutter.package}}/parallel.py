@@ -5,7 +5,9 @@ A network names the submodule classes that are its natural units of work in a cl
 - `compile_units` compiles each unit's forward with torch.compile (what the module's `compile`
   switch does on any strategy: per unit, so FSDP's hooks stay outside the compiled graphs);
 - `FSDP2Strategy` shards each unit, then each network root, with FSDP2's `fully_shard` over the
-  data-parallel mesh (ZeRO-3 style: parameters, gradients and optimizer state all sharded).
+  data-parallel mesh (ZeRO-3 style: parameters, gradients and optimizer state all sharded);
+- `DeepSpeedStrategy` has DeepSpeed ZeRO-3 gather each unit's parameters whole (a ZeRO-3 "leaf"),
+  in hooks on the unit, instead of hooking every layer inside it.
 Activation checkpointing is per unit too, inside the network (`gradient_checkpointing` in its config).
 """
 
@@ -13,6 +15,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch import strategies
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
@@ -147,4 +150,31 @@ class FSDP2Strategy(ModelParallelStrategy):
         mesh = self.device_mesh["data_parallel"]
         for network in fsdp2_shard(self.lightning_module, mesh, **self.shard_kwargs):
             broadcast_buffers_after_forward(network, mesh.get_group())
+        super().setup(trainer)
+
+
+def mark_zero3_leaves(root: nn.Module) -> list[nn.Module]:
+    """Make every unit of every shardable network under `root` a DeepSpeed ZeRO-3 leaf: DeepSpeed
+    then fetches all of a unit's parameters at once when the unit's forward (or backward) begins,
+    with hooks on the unit only. Call before the DeepSpeed engine is built (it places the hooks)."""
+    from deepspeed.utils import set_z3_leaf_module  # imported here: the other strategies don't need it
+
+    units = [unit for network in shardable_networks(root) for unit in units_of(network)]
+    for unit in units:
+        set_z3_leaf_module(unit, True)
+    return units
+
+
+class DeepSpeedStrategy(strategies.DeepSpeedStrategy):
+    """Lightning's DeepSpeedStrategy; under ZeRO stage 3 each network unit is gathered whole.
+
+    Out of the box ZeRO-3 hooks every submodule (each Linear, each LayerNorm) and gathers its few
+    parameters just in time: many small all-gathers and a Python hook per layer. Gathered per unit,
+    as FSDP2 shards, a 774M GPT trained 1.14x faster on two H200s in one lease (docs/performance.md).
+    Networks without `shard_units` keep DeepSpeed's default.
+    """
+
+    def setup(self, trainer: L.Trainer) -> None:
+        if self.zero_stage_3:
+            mark_zero3_leaves(self.lightning_module)
         super().setup(trainer)

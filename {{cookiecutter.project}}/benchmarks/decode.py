@@ -30,9 +30,10 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 if str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
 
+from {{cookiecutter.package}}.benchmark import add_net_argument  # noqa: E402
 from {{cookiecutter.package}}.generation import generate, load_network_checkpoint  # noqa: E402
 from {{cookiecutter.package}}.models.gpt import GPT  # noqa: E402
-from {{cookiecutter.package}}.networks import build_causal_lm, net_preset, net_presets  # noqa: E402
+from {{cookiecutter.package}}.networks import build_causal_lm, net_preset  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 WEIGHTS = ("float", "int8_weight_only", "int8_dynamic", "float8_dynamic")  # float, or a quantize.py method
@@ -41,12 +42,7 @@ PATHS = ("no-cache", "cache", "compiled")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--net",
-        default="tiny",
-        choices=net_presets(f"{GPT.__module__}.{GPT.__qualname__}"),
-        help="configs/model/net/ preset (random weights)",
-    )
+    add_net_argument(p, help="configs/model/net/ preset (random weights)")
     p.add_argument("--vocab-size", type=int, default=50257, help="the random network's vocabulary (GPT-2's)")
     p.add_argument("--max-length", type=int, default=1024, help="the random network's context")
     p.add_argument("--ckpt", default=None, help="a checkpoint to time instead (train.py's or quantize.py's)")

@@ -33,21 +33,15 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 if str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
 
-from {{cookiecutter.package}}.benchmark import median_step_ms  # noqa: E402
+from {{cookiecutter.package}}.benchmark import add_net_argument, median_step_ms  # noqa: E402
 from {{cookiecutter.package}}.callbacks.throughput import peak_flops  # noqa: E402
-from {{cookiecutter.package}}.models.gpt import GPT  # noqa: E402
 from {{cookiecutter.package}}.modules.optim import build_adamw  # noqa: E402
-from {{cookiecutter.package}}.networks import build_causal_lm, net_preset, net_presets  # noqa: E402
+from {{cookiecutter.package}}.networks import build_causal_lm, net_preset  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--net",
-        default="tiny",
-        choices=net_presets(f"{GPT.__module__}.{GPT.__qualname__}"),
-        help="configs/model/net/ preset",
-    )
+    add_net_argument(p)
     p.add_argument("--batch", type=int, default=8, help="sequences per step per GPU")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
     p.add_argument("--vocab-size", type=int, default=50257, help="GPT-2's by default")

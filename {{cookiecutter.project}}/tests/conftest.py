@@ -5,6 +5,7 @@ import io
 import json
 {% endif -%}
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,6 +25,12 @@ from omegaconf import DictConfig, open_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
+
+
+def bash_block_lines(markdown: str) -> list[str]:
+    """The lines of the ```bash code blocks in `markdown`, in page order (each block stripped of its
+    surrounding whitespace first): a doc's shell commands, for tests that run them as written."""
+    return [line for block in re.findall(r"```bash\n(.*?)```", markdown, re.S) for line in block.strip().splitlines()]
 
 
 def slurm_is_up() -> bool:

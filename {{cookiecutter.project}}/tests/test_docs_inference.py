@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import ROOT, run_script
+from .conftest import ROOT, bash_block_lines, run_script
 
 DEMO_CHECKPOINT = "logs/demo/latest/checkpoints/last.ckpt"
 
@@ -18,8 +18,7 @@ DEMO_CHECKPOINT = "logs/demo/latest/checkpoints/last.ckpt"
 def cpu_commands() -> list[str]:
     text = (ROOT / "docs" / "inference.md").read_text(encoding="utf-8")
     text = text[: text.index("## On one H200")]
-    lines = [line for block in re.findall(r"```bash\n(.*?)```", text, re.S) for line in block.strip().splitlines()]
-    return [line.split("  #")[0].strip() for line in lines if line.startswith("python ")]
+    return [line.split("  #")[0].strip() for line in bash_block_lines(text) if line.startswith("python ")]
 
 
 @pytest.mark.slow

@@ -4,7 +4,6 @@ bad requests, Prometheus metrics, the Redis cache, startup errors and the load s
 import asyncio
 import json
 import os
-import re
 import shlex
 import shutil
 import socket
@@ -21,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from {{cookiecutter.package}}.training import train
 
-from .conftest import ROOT, compose_at, run_script
+from .conftest import ROOT, bash_block_lines, compose_at, run_script
 from .live_server import LiveServer, RedisServer, free_port
 
 PROMPT = "ROMEO:"
@@ -278,8 +277,7 @@ def test_load_script_reports_latency_percentiles_and_throughput(server, gpt_ckpt
 
 
 def doc_commands() -> list[str]:
-    text = (ROOT / "docs" / "deploy.md").read_text()
-    return [line for block in re.findall(r"```bash\n(.*?)```", text, re.S) for line in block.strip().splitlines()]
+    return bash_block_lines((ROOT / "docs" / "deploy.md").read_text())
 
 
 def port_is_free(port: int) -> bool:

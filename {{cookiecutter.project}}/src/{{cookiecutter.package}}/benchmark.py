@@ -99,6 +99,17 @@ def check_step_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     for name in ("batch", "seq_len", "steps"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
+{%- if cookiecutter.gpt %}
+
+
+def add_net_argument(parser: argparse.ArgumentParser, help: str = "configs/model/net/ preset") -> None:
+    """The GPT benchmarks' --net argument: a configs/model/net/ preset whose `_target_` is the
+    project's GPT, tiny by default (a script builds it with networks.net_preset and build_causal_lm)."""
+    from .models.gpt import GPT
+    from .networks import net_presets
+
+    parser.add_argument("--net", default="tiny", choices=net_presets(f"{GPT.__module__}.{GPT.__qualname__}"), help=help)
+{%- endif %}
 
 
 def run_benchmark(cfg: DictConfig) -> dict[str, Any]:

@@ -36,6 +36,12 @@ def bucket(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
+def buckets(max_batch_size: int) -> list[int]:
+    """Every batch size a compiled server with up to max_batch_size rows runs at, smallest first: the
+    powers of two up to bucket(max_batch_size), one compiled graph each."""
+    return [1 << i for i in range(bucket(max_batch_size).bit_length())]
+
+
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -86,7 +92,7 @@ class TextGenerator:
     ) -> None:
         self.model, self.tokenizer, self.device = model, tokenizer, device
         self.compile, self.max_batch_size = compile, max_batch_size
-        graphs = bucket(max_batch_size).bit_length()  # one per power of two up to max_batch_size
+        graphs = len(buckets(max_batch_size))
         if compile is not None and graphs > torch._dynamo.config.recompile_limit:
             raise ConfigError(
                 f"server.compile={compile!r} with server.max_batch_size={max_batch_size} needs {graphs} compiled "
@@ -184,7 +190,7 @@ class TextGenerator:
         `compile`, every batch size a request can meet is compiled (two tokens: the first comes from
         the prefill, the second from the compiled step)."""
         job = Job("", max_new_tokens=1 if self.compile is None else 2, temperature=0, top_k=None, top_p=None, seed=None)
-        sizes = [1] if self.compile is None else sorted({bucket(n) for n in range(1, self.max_batch_size + 1)})
+        sizes = [1] if self.compile is None else buckets(self.max_batch_size)
         for size in sizes:
             self.run_batch([(job, [self.eot])] * size)
 

@@ -17,7 +17,7 @@ from {{cookiecutter.package}}.modules.clip import CLIPModule
 {%- if cookiecutter.gpt %}
 from {{cookiecutter.package}}.modules.gpt import GPTModule
 {%- endif %}
-from {{cookiecutter.package}}.parallel import FSDP2Strategy, fsdp2_shard, mark_zero3_leaves
+from {{cookiecutter.package}}.parallel import DeepSpeedStrategy, FSDP2Strategy, fsdp2_shard, mark_zero3_leaves
 from {{cookiecutter.package}}.training import build_trainer
 
 from .conftest import {% if cookiecutter.clip %}CLIP_TINY, {% endif %}{% if cookiecutter.gpt %}TINY, {% endif %}run_script
@@ -156,6 +156,23 @@ def test_zero3_leaves_are_the_units_of_every_shardable_network():
     units = mark_zero3_leaves(root)
     assert units == [*root["a"].units, *root["b"].units]
     assert [m for m in root.modules() if z3_leaf_module(m)] == units
+
+
+@pytest.mark.parametrize("preset", ["deepspeed", "deepspeed_offload"])
+def test_deepspeed_presets_are_valid_zero_configs_and_a_misspelt_key_is_named(compose_cfg, preset):
+    pytest.importorskip("deepspeed")
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    strategy = instantiate(compose_cfg("train", [f"trainer={preset}"]).trainer.strategy, _convert_="all")
+    assert isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3
+    typo = "+trainer.strategy.config.zero_optimization.stage3_prefetch_bucket_sise=1"
+    with pytest.raises(InstantiationException) as e:  # what train.py prints as one line (cli.py)
+        instantiate(compose_cfg("train", [f"trainer={preset}", typo]).trainer.strategy, _convert_="all")
+    assert isinstance(e.value.__cause__, ConfigError)
+    assert str(e.value.__cause__).startswith(
+        "trainer.strategy.config.zero_optimization: stage3_prefetch_bucket_sise: Extra inputs are not permitted"
+    )
 
 
 class NormUnit(nn.Module):

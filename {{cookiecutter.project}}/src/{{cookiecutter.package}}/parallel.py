@@ -20,6 +20,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
+from .errors import ConfigError
 from .networks import compile_units, units_of  # noqa: F401  (compile_units: the protocol's, re-exported)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, None: None}
@@ -172,9 +173,30 @@ class DeepSpeedStrategy(strategies.DeepSpeedStrategy):
     parameters just in time: many small all-gathers and a Python hook per layer. Gathered per unit,
     as FSDP2 shards, a 774M GPT trained 1.14x faster on two H200s in one lease (docs/performance.md).
     Networks without `shard_units` keep DeepSpeed's default.
+
+    The `zero_optimization` section of `config` is checked against DeepSpeed's own schema when the
+    strategy is built, so a misspelt key stops the run before any model is built, naming the key.
     """
+
+    def __init__(self, config: dict | str | None = None, **kwargs: Any) -> None:
+        super().__init__(config=config, **kwargs)
+        if isinstance(self.config, dict) and self.config.get("zero_optimization"):
+            check_zero_config(self.config["zero_optimization"])
 
     def setup(self, trainer: L.Trainer) -> None:
         if self.zero_stage_3:
             mark_zero3_leaves(self.lightning_module)
         super().setup(trainer)
+
+
+def check_zero_config(zero: dict) -> None:
+    """Validate DeepSpeed's zero_optimization section with DeepSpeed's own model of it; ConfigError
+    naming each wrong key (DeepSpeed itself would only say so when the engine is built)."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from pydantic import ValidationError
+
+    try:
+        DeepSpeedZeroConfig(**zero)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise ConfigError(f"trainer.strategy.config.zero_optimization: {problems}") from None

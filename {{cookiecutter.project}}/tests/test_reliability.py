@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, TensorDataset
 
-from {{cookiecutter.package}}.callbacks.nonfinite import NonFiniteLoss
+from {{cookiecutter.package}}.callbacks.nonfinite import NonFiniteLoss, any_non_finite
 from {{cookiecutter.package}}.callbacks.preemption import Preemption
 from {{cookiecutter.package}}.checkpoints import (
     MARKER,
@@ -272,6 +272,25 @@ def test_skip_drops_the_step_counts_it_and_stops_after_max_skips(tmp_path):
         fit(tmp_path / "c", Regression(bad=(4, 5)), NonFiniteLoss(action="skip", max_skips=1))
     with pytest.raises(ConfigError, match=r"callbacks.non_finite.action='ignore'; expected one of \['stop', 'skip'\]"):
         NonFiniteLoss(action="ignore")
+
+
+def _rank_decides(rank: int, port: int, bad_rank: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    loss = torch.tensor(float("nan") if rank == bad_rank else 1.0)
+    decision = any_non_finite([torch.tensor(2.0), loss], world_size=2)
+    Path(out, f"rank{rank}").write_text(str(decision))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bad_rank", [1, -1])
+def test_every_rank_takes_the_same_decision_when_one_rank_s_loss_is_nan(tmp_path, bad_rank):
+    from torch.distributed.elastic.utils.distributed import get_free_port
+
+    torch.multiprocessing.spawn(_rank_decides, args=(get_free_port(), bad_rank, str(tmp_path)), nprocs=2)
+    expected = str(bad_rank >= 0)
+    assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == [expected, expected]
 
 
 def test_a_full_disk_during_a_checkpoint_is_one_clear_error_and_leaves_the_previous_checkpoint(tmp_path, monkeypatch):

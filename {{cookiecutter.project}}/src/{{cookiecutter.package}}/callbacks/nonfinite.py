@@ -1,8 +1,8 @@
 """Non-finite losses: stop the run naming the step and the loss parts, or skip the step and count it.
 
 The losses of every micro-batch of an optimizer step are checked before the optimizer touches the
-weights (one host sync per optimizer step, and with several ranks one tiny all-reduce, so that
-all ranks decide alike). `stop` raises before the step: the weights and the checkpoints on disk
+weights (one host sync per optimizer step, and with several ranks one tiny all-reduce before it,
+so that all ranks decide alike). `stop` raises before the step: the weights and the checkpoints on disk
 are the last good ones. `skip` drops the step's gradients (the optimizer then leaves every
 weight and moment as it was; the step counter and LR schedule move on), logs
 `train/skipped_steps`, and stops once more than `max_skips` steps were skipped.
@@ -45,9 +45,7 @@ class NonFiniteLoss(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         losses, self._losses = self._losses, []
-        bad = bool(losses) and not bool(torch.isfinite(torch.stack(losses)).all())
-        bad = trainer.strategy.reduce_boolean_decision(bad, all=False)  # any rank
-        if bad:
+        if losses and any_non_finite(losses, trainer.world_size):
             self._non_finite(trainer, optimizer)
         if self.action == "skip":
             pl_module.log("train/skipped_steps", float(self.skipped))
@@ -81,3 +79,13 @@ class NonFiniteLoss(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.skipped = state_dict.get("skipped", 0)
+
+
+def any_non_finite(losses: list[torch.Tensor], world_size: int) -> bool:
+    """Whether any of these losses, on any rank, is inf or NaN: one flag on the device, all-reduced
+    (max) across ranks, then read once. (Lightning's reduce_boolean_decision adds a barrier and a
+    second read to every step.)"""
+    flag = (~torch.isfinite(torch.stack(losses)).all()).to(torch.int32)
+    if world_size > 1:
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())

@@ -29,7 +29,7 @@ demo: $(STAMP)  ## bake the default project into build/demo, train the tiny GPT 
 	$(MAKE) -C build/demo/my-paper demo VENV=$(abspath $(VENV))
 
 test: $(STAMP) lint  ## lint, then the template's tests: bake every module combination and run each baked project's tests
-	$(BIN)/python -m pytest -n 2 --maxschedchunk 1 tests/
+	$(BIN)/python -m pytest -n 2 --maxschedchunk 1 --durations=10 tests/
 
 lint: $(STAMP)  ## ruff on the template's own Python (hooks, tests)
 	$(BIN)/ruff check hooks tests

@@ -166,6 +166,12 @@ def test_deepspeed_presets_are_valid_zero_configs_and_a_misspelt_key_is_named(co
 
     strategy = instantiate(compose_cfg("train", [f"trainer={preset}"]).trainer.strategy, _convert_="all")
     assert isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3
+    if preset == "deepspeed":  # docs/scaling.md's example of one ZeRO key changed from the command line
+        documented = "trainer.strategy.config.zero_optimization.reduce_bucket_size=50000000"
+        cfg = compose_cfg("train", [f"trainer={preset}", documented])
+        assert instantiate(cfg.trainer.strategy, _convert_="all").config["zero_optimization"]["reduce_bucket_size"] == (
+            50_000_000
+        )
     typo = "+trainer.strategy.config.zero_optimization.stage3_prefetch_bucket_sise=1"
     with pytest.raises(InstantiationException) as e:  # what train.py prints as one line (cli.py)
         instantiate(compose_cfg("train", [f"trainer={preset}", typo]).trainer.strategy, _convert_="all")

@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -297,3 +298,43 @@ def test_step_benchmark_rejects_bad_variants_by_name(argv, message, capsys):
     with pytest.raises(SystemExit):
         load_step_benchmark().parse_args(argv)
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_training_steps_read_nothing_back_from_the_device(compose_cfg, monkeypatch):
+    """On a GPU, reading a tensor's value on the host (`.item()`, `float()`, `bool()`) waits for every
+    kernel queued before it, and the GPU then idles while the CPU launches the next step. With the
+    default callbacks and a fused optimizer (the default on GPUs), only logging steps read anything:
+    not the loss for the progress bar, not the non-finite check (callbacks/progress.py, nonfinite.py)."""
+    import lightning as L
+
+    from {{cookiecutter.package}} import training
+    from {{cookiecutter.package}}.callbacks.nonfinite import _Flag
+
+    reads: dict[int, int] = {}
+    step: list[int | None] = [None]
+
+    def counting(original: Any) -> Any:
+        def counted(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            # The non-finite check reads the previous step's flag from a host copy (pinned memory on a
+            # GPU, read once an event of that step has passed): no wait for the step in progress.
+            if step[0] is not None and sys._getframe(1).f_code is not _Flag.read.__code__:
+                reads[step[0]] = reads.get(step[0], 0) + 1
+            return original(self, *args, **kwargs)
+
+        return counted
+
+    for name in ("item", "__float__", "__bool__", "__int__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, counting(getattr(torch.Tensor, name)))
+
+    class StepWindows(L.Callback):  # reads from one step's start to the next step's start count for the step
+        def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+            step[0] = trainer.global_step + 1
+
+        def on_train_end(self, *args: Any) -> None:
+            step[0] = None
+
+    build = training.build_trainer
+    monkeypatch.setattr(training, "build_trainer", lambda cfg, callbacks: build(cfg, [*callbacks, StepWindows()]))
+    overrides = ["trainer.max_steps=12", "trainer.val_check_interval=12", "trainer.log_every_n_steps=4"]
+    train(compose_cfg(overrides=[*overrides, "model.optimizer.fused=true"]))
+    assert [s for s in range(1, 12) if reads.get(s)] == [4, 8], reads  # log steps: Lightning's loggers, the bar

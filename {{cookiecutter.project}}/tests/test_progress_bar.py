@@ -17,7 +17,7 @@ class Regression(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = nn.functional.mse_loss(self.net(batch[0]), batch[1])
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss)  # as the project's modules: no prog_bar, which would read it every step
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, TensorDataset
 
-from {{cookiecutter.package}}.callbacks.nonfinite import NonFiniteLoss, any_non_finite
+from {{cookiecutter.package}}.callbacks.nonfinite import NonFiniteLoss, non_finite_flag
 from {{cookiecutter.package}}.callbacks.preemption import Preemption
 from {{cookiecutter.package}}.checkpoints import (
     MARKER,
@@ -204,12 +204,14 @@ def test_a_kill_between_the_two_renames_of_a_folder_leaves_the_old_one_found(tmp
 
 
 class Regression(L.LightningModule):
-    """A linear fit whose loss is NaN in the steps listed in `bad` (counted from 1), with two loss parts."""
+    """A linear fit whose loss is NaN in the steps listed in `bad` (counted from 1), with two loss parts.
+    `fused`: torch's fused AdamW, which the non-finite check hands its flag to (no host sync per step),
+    else the for-loop AdamW, whose step the check reads the flag before."""
 
-    def __init__(self, bad: tuple[int, ...] = ()) -> None:
+    def __init__(self, bad: tuple[int, ...] = (), fused: bool = False) -> None:
         super().__init__()
         torch.manual_seed(0)  # every instance starts from the same weights
-        self.net, self.bad = torch.nn.Linear(4, 1), bad
+        self.net, self.bad, self.fused = torch.nn.Linear(4, 1), bad, fused
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -224,7 +226,7 @@ class Regression(L.LightningModule):
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=0.1)
+        return torch.optim.AdamW(self.parameters(), lr=0.1, fused=self.fused, foreach=False)
 
 
 def fit(tmp_path: Path, model: L.LightningModule, *callbacks: L.Callback, max_steps: int = 6) -> Trainer:
@@ -245,8 +247,9 @@ def fit(tmp_path: Path, model: L.LightningModule, *callbacks: L.Callback, max_st
     return trainer
 
 
-def test_a_non_finite_loss_stops_before_the_weights_change_naming_the_step_and_the_parts(tmp_path):
-    model = Regression(bad=(4,))
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_non_finite_loss_stops_before_the_weights_change_naming_the_step_and_the_parts(tmp_path, fused):
+    model = Regression(bad=(4,), fused=fused)
     with pytest.raises(NonFiniteLossError) as e:
         fit(tmp_path, model, NonFiniteLoss())
     last = tmp_path / "checkpoints" / "last.ckpt"
@@ -259,17 +262,22 @@ def test_a_non_finite_loss_stops_before_the_weights_change_naming_the_step_and_t
         assert torch.equal(value, model.state_dict()[key]) and value.isfinite().all(), key
 
 
-def test_skip_drops_the_step_counts_it_and_stops_after_max_skips(tmp_path):
-    reference = Regression()
+@pytest.mark.parametrize("fused", [False, True])
+def test_skip_drops_the_step_counts_it_and_stops_after_max_skips(tmp_path, fused):
+    reference = Regression(fused=fused)
     fit(tmp_path / "a", reference, max_steps=3)
-    skipping, callback = Regression(bad=(4,)), NonFiniteLoss(action="skip", max_skips=1)
+    skipping, callback = Regression(bad=(4,), fused=fused), NonFiniteLoss(action="skip", max_skips=1)
     fit(tmp_path / "b", skipping, callback, max_steps=4)
     assert callback.skipped == 1
+    saved = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 4 and saved["callbacks"]["NonFiniteLoss"] == {"skipped": 1}
     for key, value in reference.state_dict().items():  # step 4 changed nothing: the step-3 weights
-        assert torch.equal(skipping.state_dict()[key], value), key
-    assert torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+        assert torch.equal(saved["state_dict"][key], value), key
+    steps = [int(state["step"]) for state in saved["optimizer_states"][0]["state"].values()]
+    assert steps == [3, 3]  # nor AdamW's step counts (its bias correction), for the weight and the bias
+    assert not hasattr(skipping.optimizers().optimizer, "found_inf")  # the flag leaves with the run
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss in step 5 after skipping 1 steps"):
-        fit(tmp_path / "c", Regression(bad=(4, 5)), NonFiniteLoss(action="skip", max_skips=1))
+        fit(tmp_path / "c", Regression(bad=(4, 5), fused=fused), NonFiniteLoss(action="skip", max_skips=1))
     with pytest.raises(ConfigError, match=r"callbacks.non_finite.action='ignore'; expected one of \['stop', 'skip'\]"):
         NonFiniteLoss(action="ignore")
 
@@ -278,7 +286,7 @@ def _rank_decides(rank: int, port: int, bad_rank: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
     loss = torch.tensor(float("nan") if rank == bad_rank else 1.0)
-    decision = any_non_finite([torch.tensor(2.0), loss], world_size=2)
+    decision = bool(non_finite_flag([torch.tensor(2.0), loss], world_size=2))
     Path(out, f"rank{rank}").write_text(str(decision))
     torch.distributed.destroy_process_group()
 

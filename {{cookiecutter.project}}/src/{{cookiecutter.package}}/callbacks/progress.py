@@ -1,14 +1,16 @@
 """The progress bar, without a host sync in every training step; progress lines for the run's log file.
 
-Lightning's rich progress bar reads the logged metrics after every batch, and reading them turns
-each tensor (the loss) into a Python number: the CPU waits there for the GPU to finish the step,
-so it cannot queue the next step's kernels while the GPU works. This bar reads them every
-`metrics_every` optimizer steps and shows the last values in between; the bar itself still moves
+Lightning turns every metric logged with `prog_bar=True` into a Python number after every batch
+(whether a bar is shown or not): the CPU waits there for the GPU to finish the step, so it cannot
+queue the next step's kernels while the GPU works. So the modules log their training losses
+without `prog_bar`, and this bar reads the ones named in `show` from the callback metrics every
+`metrics_every` optimizer steps, showing the last values in between; the bar itself still moves
 every batch.
 """
 
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -16,17 +18,19 @@ from lightning.pytorch.callbacks import RichProgressBar
 
 
 class ProgressBar(RichProgressBar):
-    def __init__(self, metrics_every: int = 10, **kwargs: Any) -> None:
+    def __init__(self, metrics_every: int = 10, show: Sequence[str] = ("train/loss",), **kwargs: Any) -> None:
         if metrics_every < 1:
             raise ValueError(f"callbacks.progress_bar.metrics_every must be at least 1, got {metrics_every}")
         super().__init__(**kwargs)
-        self.metrics_every = metrics_every
+        self.metrics_every, self.show = metrics_every, tuple(show)
         self._shown: dict[str, Any] | None = None
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         stale = self._shown is None or not trainer.training or trainer.global_step % self.metrics_every == 0
         if stale:  # outside training steps (validation, epoch ends) always read afresh
-            self._shown = super().get_metrics(trainer, pl_module)
+            logged = trainer.callback_metrics
+            shown = {k: float(logged[k]) for k in self.show if k in logged and logged[k].numel() == 1}
+            self._shown = {**super().get_metrics(trainer, pl_module), **shown}
         return self._shown
 
     def _get_train_description(self, current_epoch: int) -> str:

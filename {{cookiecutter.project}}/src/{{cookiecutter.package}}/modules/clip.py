@@ -144,7 +144,7 @@ class CLIPModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         out = self.net(batch["image"], batch["text"])  # (B, E) features of B matching pairs
         losses = self.loss_fn(*out)
-        self.log("train/loss", losses["loss"], prog_bar=True)
+        self.log("train/loss", losses["loss"])
         for name in ("image_to_text", "text_to_image"):
             if name in losses:
                 self.log(f"train/loss_{name}", losses[name])

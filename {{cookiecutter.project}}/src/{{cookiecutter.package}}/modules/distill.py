@@ -259,7 +259,7 @@ class DistillModule(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch  # (B, T), (B, T)
         out, _ = self._losses(x, y)
-        self.log("train/loss", out["loss"], prog_bar=True)
+        self.log("train/loss", out["loss"])
         self.log_dict({"train/kl": out["kl"], "train/ce": out["ce"]})
         return out["loss"]
 

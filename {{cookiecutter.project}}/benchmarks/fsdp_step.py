@@ -33,7 +33,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 if str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
 
-from {{cookiecutter.package}}.benchmark import add_net_argument, median_step_ms  # noqa: E402
+from {{cookiecutter.package}}.benchmark import add_net_argument, check_step_args, median_step_ms  # noqa: E402
 from {{cookiecutter.package}}.callbacks.throughput import peak_flops  # noqa: E402
 from {{cookiecutter.package}}.modules.optim import build_adamw  # noqa: E402
 from {{cookiecutter.package}}.networks import build_causal_lm, net_preset  # noqa: E402
@@ -54,11 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print the row as one JSON line")
     p.add_argument("--profile", type=Path, default=None, metavar="DIR", help="after timing, trace 5 steps into DIR")
     args = p.parse_args(argv)
-    for name in ("batch", "seq_len", "steps"):
-        if getattr(args, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be positive")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: CUDA is not available on this machine; use --device cpu")
+    check_step_args(p, args)
     if "RANK" not in os.environ:
         p.error("launch with torchrun, e.g. torchrun --nproc-per-node 1 benchmarks/fsdp_step.py ...")
     return args

@@ -45,14 +45,13 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 if str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
 
-from {{cookiecutter.package}}.benchmark import check_step_args, median_step_ms  # noqa: E402
+from {{cookiecutter.package}}.benchmark import add_net_argument, check_step_args, median_step_ms  # noqa: E402
 from {{cookiecutter.package}}.callbacks.throughput import peak_flops  # noqa: E402
 from {{cookiecutter.package}}.models.gpt import GPT  # noqa: E402
 from {{cookiecutter.package}}.modules.optim import build_adamw  # noqa: E402
-from {{cookiecutter.package}}.networks import build_causal_lm, net_preset, net_presets  # noqa: E402
+from {{cookiecutter.package}}.networks import build_causal_lm, net_preset  # noqa: E402
 from {{cookiecutter.package}}.parallel import compile_units  # noqa: E402
 
-GPT_TARGET = f"{GPT.__module__}.{GPT.__qualname__}"
 LEVERS = {
     "compile": ("none", "blocks", "full"),
     "mode": ("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"),
@@ -82,7 +81,7 @@ def parse_variant(words: list[str]) -> tuple[str, dict[str, str]]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--net", default="tiny", choices=net_presets(GPT_TARGET), help="configs/model/net/ preset")
+    add_net_argument(p)
     p.add_argument("--batch", type=int, default=8, help="sequences per step")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
     p.add_argument("--vocab-size", type=int, default=50257, help="default: GPT-2's (presets take it from the data)")

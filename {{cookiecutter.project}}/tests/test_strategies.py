@@ -214,3 +214,30 @@ def test_fsdp2_bf16_keeps_batchnorm_weights_in_fp32_beside_its_fp32_statistics(o
         assert unit.norm._get_fsdp_state()._mp_policy.param_dtype is None
         assert unit._get_fsdp_state()._mp_policy.param_dtype == torch.bfloat16
         assert unit.norm.running_mean.dtype == torch.float32 and unit.norm.running_mean.abs().sum() > 0
+
+
+@pytest.mark.parametrize("found_inf", [0.0, 1.0])
+def test_fused_adamw_over_fsdp2_shards_skips_its_step_when_handed_found_inf(one_rank_mesh, found_inf):
+    # callbacks/nonfinite.py hands the non-finite flag to the optimizer as `found_inf` instead of
+    # reading it on the host: under FSDP2 the parameters are DTensors and the flag a plain tensor.
+    stack = NormStack()
+    fsdp2_shard(stack, one_rank_mesh)
+    optimizer = torch.optim.AdamW(stack.parameters(), lr=0.1, fused=True)
+    x, weights = torch.randn(8, 4), torch.randn(8, 4)
+
+    def state() -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+        moments = [optimizer.state[p] for p in stack.parameters()]
+        return [
+            (p.full_tensor().clone(), m["exp_avg"].full_tensor().clone(), int(m["step"]))
+            for p, m in zip(stack.parameters(), moments)
+        ]
+
+    for _ in range(2):  # the second step with the flag, the first without
+        (stack(x) * weights).sum().backward()
+        before = state() if optimizer.state else None
+        optimizer.found_inf = torch.tensor(found_inf) if before else None
+        optimizer.step()
+        optimizer.zero_grad()
+    for (weight, moment, step), (weight_after, moment_after, step_after) in zip(before, state()):
+        assert step == 1 and step_after == (1 if found_inf else 2)
+        assert torch.equal(weight, weight_after) == bool(found_inf) == torch.equal(moment, moment_after)

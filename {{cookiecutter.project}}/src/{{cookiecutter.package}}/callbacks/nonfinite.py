@@ -53,7 +53,6 @@ class NonFiniteLoss(L.Callback):
         self.skipped = 0
         self._losses: list[torch.Tensor] = []
         self._pending: _Flag | None = None
-        self._deferring: list[torch.optim.Optimizer] = []  # optimizers given a found_inf flag
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.action == "skip" and type(trainer.strategy).__name__ == "DeepSpeedStrategy":
@@ -74,8 +73,6 @@ class NonFiniteLoss(L.Callback):
             flag = non_finite_flag(losses, trainer.world_size)
             if skips_on_device(optimizer, trainer):
                 optimizer.found_inf = flag.float()  # 1: the fused kernel leaves weights, moments and counts
-                if optimizer not in self._deferring:
-                    self._deferring.append(optimizer)
                 self._check_pending(trainer)  # the previous step's flag
                 self._pending = _send_to_host(flag, step, train_parts(trainer))
             elif flag.item():
@@ -93,21 +90,16 @@ class NonFiniteLoss(L.Callback):
         try:
             self._check_pending(trainer)
         finally:
-            self._release()
+            _release_found_inf(trainer)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._pending = None
-        self._release()
+        _release_found_inf(trainer)
 
     def _check_pending(self, trainer: L.Trainer) -> None:
         pending, self._pending = self._pending, None
         if pending is not None and pending.read():
             self._non_finite(trainer, pending.step, pending.parts)
-
-    def _release(self) -> None:
-        for optimizer in self._deferring:
-            optimizer.__dict__.pop("found_inf", None)
-        self._deferring.clear()
 
     def _non_finite(self, trainer: L.Trainer, step: int, parts: dict[str, torch.Tensor]) -> None:
         """Count a skipped step, or raise NonFiniteLossError (the step's weights are unchanged either way)."""
@@ -156,6 +148,12 @@ def train_parts(trainer: L.Trainer) -> dict[str, torch.Tensor]:
         for k, v in trainer.callback_metrics.items()
         if k.startswith("train/") and k != "train/skipped_steps" and v.numel() == 1
     }
+
+
+def _release_found_inf(trainer: L.Trainer) -> None:
+    """The run is over: its optimizers step unflagged again (GradScaler sets and removes its own)."""
+    for optimizer in trainer.optimizers:
+        optimizer.__dict__.pop("found_inf", None)
 
 
 def _send_to_host(flag: torch.Tensor, step: int, parts: dict[str, torch.Tensor]) -> _Flag:

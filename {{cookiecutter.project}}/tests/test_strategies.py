@@ -17,7 +17,14 @@ from {{cookiecutter.package}}.modules.clip import CLIPModule
 {%- if cookiecutter.gpt %}
 from {{cookiecutter.package}}.modules.gpt import GPTModule
 {%- endif %}
-from {{cookiecutter.package}}.parallel import DeepSpeedStrategy, FSDP2Strategy, fsdp2_shard, mark_zero3_leaves
+from {{cookiecutter.package}}.parallel import (
+    DeepSpeedStrategy,
+    FSDP2Strategy,
+    compile_with_deepcompile,
+    fsdp2_shard,
+    mark_zero3_leaves,
+    step_entry_points,
+)
 from {{cookiecutter.package}}.training import build_trainer
 
 from .conftest import {% if cookiecutter.clip %}CLIP_TINY, {% endif %}{% if cookiecutter.gpt %}TINY, {% endif %}run_script
@@ -90,7 +97,7 @@ def test_consolidate_rejects_what_is_not_a_sharded_checkpoint(tmp_path):
     assert not (tmp_path / "out.ckpt").exists()
 
 
-@pytest.mark.parametrize("preset", ["deepspeed", "deepspeed_offload"])
+@pytest.mark.parametrize("preset", ["deepspeed", "deepspeed_compile", "deepspeed_offload"])
 def test_cuda_only_presets_fail_at_once_on_cpu_saying_what_to_use(compose_cfg, preset):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
@@ -159,7 +166,7 @@ def test_zero3_leaves_are_the_units_of_every_shardable_network():
     assert [m for m in root.modules() if z3_leaf_module(m)] == units
 
 
-@pytest.mark.parametrize("preset", ["deepspeed", "deepspeed_offload"])
+@pytest.mark.parametrize("preset", ["deepspeed", "deepspeed_compile", "deepspeed_offload"])
 def test_deepspeed_presets_are_valid_zero_configs_and_a_misspelt_key_is_named(compose_cfg, preset):
     pytest.importorskip("deepspeed")
     from hydra.errors import InstantiationException
@@ -167,6 +174,7 @@ def test_deepspeed_presets_are_valid_zero_configs_and_a_misspelt_key_is_named(co
 
     strategy = instantiate(compose_cfg("train", [f"trainer={preset}"]).trainer.strategy, _convert_="all")
     assert isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3
+    assert strategy.deepcompile == (preset == "deepspeed_compile")
     if preset == "deepspeed":  # docs/scaling.md's example of one ZeRO key changed from the command line
         documented = "trainer.strategy.config.zero_optimization.reduce_bucket_size=50000000"
         cfg = compose_cfg("train", [f"trainer={preset}", documented])
@@ -180,6 +188,62 @@ def test_deepspeed_presets_are_valid_zero_configs_and_a_misspelt_key_is_named(co
     assert str(e.value.__cause__).startswith(
         "trainer.strategy.config.zero_optimization: stage3_prefetch_bucket_sise: Extra inputs are not permitted"
     )
+
+
+class LossStack(Stack):
+    def loss(self, x: torch.Tensor) -> torch.Tensor:
+        for unit in self.units:
+            x = unit(x)
+        return x.square().mean()
+
+
+class StepModule(nn.Module):
+    step_entry_points = ("net.loss",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = LossStack(2)
+
+
+def test_deepcompile_compiles_the_step_entry_points_with_the_engines_backend_and_validates_eagerly():
+    """trainer=deepspeed_compile: what DeepSpeedStrategy does once DeepSpeed built its engine. The
+    engine here stands in for DeepSpeed's (DeepCompile needs CUDA); the compile is torch's own."""
+    pytest.importorskip("deepspeed")
+    graphs = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(gm)
+        return gm.forward
+
+    class Engine:  # the two calls DeepSpeedEngine.compile() makes before compiling, recorded
+        def get_deepspeed_compile_backend(self, name: str, kwargs: dict, schedule: object) -> tuple:
+            self.asked = (name, kwargs, schedule)
+            return backend, schedule
+
+        def _set_deepcompile_active(self, active: bool) -> None:
+            self.active = active
+
+    module, engine, x = StepModule(), Engine(), torch.randn(3, 4)
+    expected = module.net.loss(x).detach()
+    compile_with_deepcompile(engine, module)
+    assert engine.asked == ("inductor", {}, None) and engine.active and engine._is_compiled
+    with torch.no_grad():  # validation: eager (DeepCompile's inference graphs failed on the H200)
+        assert torch.equal(module.net.loss(x), expected) and graphs == []
+    loss = module.net.loss(x)  # training: one graph, through DeepCompile's backend, with gradients
+    loss.backward()
+    assert len(graphs) == 1 and {n.target for n in graphs[0].graph.nodes if n.op == "placeholder"}
+    torch.testing.assert_close(loss.detach(), expected)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
+
+
+def test_deepcompile_refuses_a_module_without_step_entry_points_naming_it():
+    with pytest.raises(ConfigError, match=r"deepcompile=true: Stack names no `step_entry_points`.*trainer=deepspeed"):
+        step_entry_points(Stack(1))
+    module = StepModule()
+    assert step_entry_points(module) == [(module.net, "loss")]
+    module.step_entry_points = ("net.los",)
+    with pytest.raises(ConfigError, match=r"StepModule.step_entry_points: 'net.los' is not a method of the module"):
+        step_entry_points(module)
 
 
 class NormUnit(nn.Module):

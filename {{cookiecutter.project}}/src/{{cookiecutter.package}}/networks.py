@@ -125,8 +125,9 @@ def compile_units(network: nn.Module, **compile_kwargs: Any) -> None:
     compiling would only add start-up time (docs/performance.md)."""
     if any(hasattr(p, "ds_id") for p in network.parameters()):
         warnings.warn(
-            "model.compile=true under DeepSpeed ZeRO-3: the network stays eager (compiled units measured "
-            "no faster than eager under ZeRO-3; docs/performance.md)",
+            "model.compile=true under DeepSpeed ZeRO-3: the units stay eager (compiled units measured "
+            "no faster than eager under ZeRO-3; trainer=deepspeed_compile compiles the whole network with "
+            "DeepSpeed's DeepCompile; docs/performance.md)",
             stacklevel=2,
         )
         return

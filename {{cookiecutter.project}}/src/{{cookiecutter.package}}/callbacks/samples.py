@@ -1,5 +1,7 @@
 """At the end of each validation, continue fixed prompts with the model and log the text."""
 
+from contextlib import nullcontext
+
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -35,18 +37,20 @@ class TextSamples(L.Callback):
         texts = []
         was_training = pl_module.net.training
         pl_module.net.eval()
-        for prompt in self.prompts:
-            completion = complete(
-                pl_module.net,
-                tokenizer,
-                prompt,
-                self.max_new_tokens,
-                temperature=self.temperature,
-                top_k=self.top_k,
-                generator=generator,
-                use_cache=False,  # sharded strategies gather the embeddings and head only inside forward()
-            )
-            texts.append(f"**{prompt}**{completion}")
+        eager_weights = getattr(trainer.strategy, "eager_weights", lambda net: nullcontext())
+        with eager_weights(pl_module.net):  # DeepCompile: the weights are gathered only in the compiled loss
+            for prompt in self.prompts:
+                completion = complete(
+                    pl_module.net,
+                    tokenizer,
+                    prompt,
+                    self.max_new_tokens,
+                    temperature=self.temperature,
+                    top_k=self.top_k,
+                    generator=generator,
+                    use_cache=False,  # sharded strategies gather the embeddings and head only inside forward()
+                )
+                texts.append(f"**{prompt}**{completion}")
         pl_module.net.train(was_training)
         if trainer.is_global_zero:
             for logger in trainer.loggers:

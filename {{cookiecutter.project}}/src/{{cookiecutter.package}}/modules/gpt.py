@@ -23,6 +23,9 @@ class GPTModule(L.LightningModule):
     """
 
     work_unit = "tokens"  # what the throughput callback counts
+    # The network method every training and validation step runs through: trainer=deepspeed_compile
+    # compiles it whole with DeepSpeed's DeepCompile (parallel.compile_with_deepcompile).
+    step_entry_points = ("net.loss",)
 
     def __init__(
         self,

@@ -143,7 +143,7 @@ def test_compile_units_leaves_a_zero3_partitioned_network_eager_with_a_warning()
     plain_forward = [block.forward for block in model.blocks]
     for p in model.parameters():
         p.ds_id = 0  # what DeepSpeed's zero.Init puts on each parameter it partitions
-    with pytest.warns(UserWarning, match="under DeepSpeed ZeRO-3: the network stays eager"):
+    with pytest.warns(UserWarning, match="under DeepSpeed ZeRO-3: the units stay eager"):
         compile_units(model)
     assert [block.forward for block in model.blocks] == plain_forward
     assert "head_loss" not in vars(model)  # a compiled method would be an instance attribute

@@ -224,6 +224,8 @@ def test_deepcompile_compiles_the_step_entry_points_with_the_engines_backend_and
             self.active = active
 
     module, engine, x = StepModule(), Engine(), torch.randn(3, 4)
+    with pytest.raises(ConfigError, match=r"engine has no get_deepspeed_compile_backend.*use trainer=deepspeed"):
+        compile_with_deepcompile(object(), module)  # a DeepSpeed without DeepCompile's entry
     expected = module.net.loss(x).detach()
     compile_with_deepcompile(engine, module)
     assert engine.asked == ("inductor", {}, None) and engine.active and engine._is_compiled

@@ -247,7 +247,10 @@ def compile_with_deepcompile(engine: Any, module: nn.Module) -> None:
     if not hasattr(engine, "get_deepspeed_compile_backend"):
         import deepspeed
 
-        raise ConfigError(f"DeepCompile needs deepspeed 0.19 or newer, this is {deepspeed.__version__}")
+        raise ConfigError(
+            f"trainer.strategy.config.compile.deepcompile=true: deepspeed {deepspeed.__version__}'s engine has no "
+            "get_deepspeed_compile_backend (tested with deepspeed 0.19.8); upgrade deepspeed or use trainer=deepspeed"
+        )
     backend, _ = engine.get_deepspeed_compile_backend("inductor", {}, None)
     engine._set_deepcompile_active(True)  # what engine.compile() does: the engine's own forward hooks go
     engine._is_compiled = True
@@ -258,7 +261,8 @@ def compile_with_deepcompile(engine: Any, module: nn.Module) -> None:
 def _deepcompiled(owner: nn.Module, method: Any, backend: Any) -> Any:
     """`method` compiled with DeepCompile's backend for steps that build a graph for backward; without
     gradients (validation) it runs eagerly on its owner's weights gathered whole, because DeepCompile's
-    inference graphs failed on the H200 (an output freed before the attention kernel wrote to it)."""
+    graph for a step without gradients failed on the H200 (the cuDNN attention kernel was handed no
+    tensor where the graph expected one, docs/performance.md)."""
     from deepspeed.runtime.zero.partition_parameters import GatheredParameters
 
     compiled = torch.compile(method, backend=backend)

@@ -29,8 +29,8 @@ demo: $(STAMP)  ## bake the default project into build/demo, train the tiny GPT 
 	$(MAKE) -C build/demo/my-paper demo VENV=$(abspath $(VENV))
 
 test: $(STAMP) lint  ## lint, then the template's tests: bake every module combination and run each baked project's tests
-	# Three workers on CI's two cores: the suites also wait (SLURM's minute-long time limits, process
-	# starts, servers), and with two workers the cores were busy 1.4 of 2 on average.
+	# Three workers on CI's two cores, as the suites also wait (SLURM's minute-long time limits, process
+	# starts, servers); the times with two and three workers are in the README.
 	$(BIN)/python -m pytest -n 3 --maxschedchunk 1 --durations=10 tests/
 
 lint: $(STAMP)  ## ruff on the template's own Python (hooks, tests)

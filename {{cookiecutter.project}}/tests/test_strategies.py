@@ -238,6 +238,30 @@ def test_deepcompile_compiles_the_step_entry_points_with_the_engines_backend_and
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
 
 
+@pytest.mark.parametrize("preset", ["deepspeed", "deepspeed_compile"])
+def test_deepspeed_setup_makes_units_leaves_only_without_deepcompile(compose_cfg, preset, monkeypatch):
+    """Leaves keep backward hooks that DeepCompile does not remove (its graph then breaks and the rest
+    runs on partitioned weights), so under DeepCompile no unit is one; a module that names no entry
+    point stops in setup, before DeepSpeed builds anything."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.utils import z3_leaf_module
+    from hydra.utils import instantiate
+    from lightning.pytorch import strategies
+
+    monkeypatch.setattr(strategies.DeepSpeedStrategy, "setup", lambda self, trainer: None)  # the engine needs CUDA
+    strategy = instantiate(compose_cfg("train", [f"trainer={preset}"]).trainer.strategy, _convert_="all")
+    strategy._lightning_module = module = StepModule()
+    strategy.setup(None)
+    leaves = [m for m in module.modules() if z3_leaf_module(m)]
+    assert leaves == ([] if preset == "deepspeed_compile" else list(module.net.units))
+    strategy._lightning_module = Stack(2)  # names no step_entry_points
+    if preset == "deepspeed_compile":
+        with pytest.raises(ConfigError, match="Stack names no `step_entry_points`"):
+            strategy.setup(None)
+    else:
+        strategy.setup(None)
+
+
 def test_deepcompile_refuses_a_module_without_step_entry_points_naming_it():
     with pytest.raises(ConfigError, match=r"deepcompile=true: Stack names no `step_entry_points`.*trainer=deepspeed"):
         step_entry_points(Stack(1))

@@ -28,9 +28,9 @@ demo: $(STAMP)  ## bake the default project into build/demo, train the tiny GPT 
 	$(BIN)/pip install -q --no-deps -e build/demo/my-paper
 	$(MAKE) -C build/demo/my-paper demo VENV=$(abspath $(VENV))
 
+# Three workers on CI's two cores, as the suites also wait (SLURM's minute-long time limits, process
+# starts, servers); the times with two and three workers are in the README.
 test: $(STAMP) lint  ## lint, then the template's tests: bake every module combination and run each baked project's tests
-	# Three workers on CI's two cores, as the suites also wait (SLURM's minute-long time limits, process
-	# starts, servers); the times with two and three workers are in the README.
 	$(BIN)/python -m pytest -n 3 --maxschedchunk 1 --durations=10 tests/
 
 lint: $(STAMP)  ## ruff on the template's own Python (hooks, tests)

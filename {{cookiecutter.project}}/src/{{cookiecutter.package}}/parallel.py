@@ -208,11 +208,14 @@ class DeepSpeedStrategy(strategies.DeepSpeedStrategy):
     def eager_weights(self, network: nn.Module) -> AbstractContextManager:
         """A context in which `network` can run outside the compiled entry points (text samples):
         under DeepCompile, ZeRO-3's gathering hooks are gone, so its parameters are gathered whole."""
-        if not self.deepcompile:
-            return nullcontext()
-        from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+        return gathered_whole(network) if self.deepcompile else nullcontext()
 
-        return GatheredParameters(list(network.parameters()))
+
+def gathered_whole(network: nn.Module) -> AbstractContextManager:
+    """A context in which each ZeRO-3 partitioned parameter of `network` holds its whole tensor."""
+    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+    return GatheredParameters(list(network.parameters()))
 
 
 def step_entry_points(module: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -263,14 +266,12 @@ def _deepcompiled(owner: nn.Module, method: Any, backend: Any) -> Any:
     gradients (validation) it runs eagerly on its owner's weights gathered whole, because DeepCompile's
     graph for a step without gradients failed on the H200 (the cuDNN attention kernel was handed no
     tensor where the graph expected one, docs/performance.md)."""
-    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
-
     compiled = torch.compile(method, backend=backend)
 
     def entry(*args: Any, **kwargs: Any) -> Any:
         if torch.is_grad_enabled():
             return compiled(*args, **kwargs)
-        with GatheredParameters(list(owner.parameters())):
+        with gathered_whole(owner):
             return method(*args, **kwargs)
 
     return entry
